@@ -1,0 +1,228 @@
+# qgafreeze: test, lint and install.  Run `make help` for the targets.
+# Recipes use POSIX sh; every recipe that must stop on the first error says `set -e` itself.
+
+PREFIX ?= /usr
+DESTDIR ?=
+PYTHON ?= /usr/bin/python3
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(SYSCONFDIR)/systemd/system
+LIBDIR = $(PREFIX)/lib/qgafreeze
+LIBEXECDIR = $(PREFIX)/libexec/qgafreeze
+BINDIR = $(PREFIX)/bin
+DOCDIR = $(PREFIX)/share/doc/qgafreeze
+HOOK = $(LIBEXECDIR)/fsfreeze-hook
+
+SHELL := /bin/sh
+
+# What the tests need from the distribution, and the same for dnf systems.
+DEB_TEST_PKGS = python3-pydbus python3-systemd python3-yaml python3-pytest python3-venv \
+	systemd-container dbus
+RPM_TEST_PKGS = python3-pydbus python3-systemd python3-pyyaml python3-pytest systemd-container
+DEB_RUNTIME_PKGS = python3-yaml python3-pydbus python3-systemd
+RPM_RUNTIME_PKGS = python3-pyyaml python3-pydbus python3-systemd
+
+# Linters live in their own venv outside the repo so that a fresh clone stays clean and the
+# distribution's Python stays untouched; the stamp records the pins it was built with.
+TOOLS = /var/cache/qgafreeze/tools
+TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
+RUFF = $(TOOLS)/bin/ruff
+MYPY = $(TOOLS)/bin/mypy
+
+.PHONY: help deps lint unit integration test install uninstall check
+
+help:
+	@echo "make test         deps, lint, then unit and integration tests (needs root)"
+	@echo "make deps         install test packages and the linters' venv ($(TOOLS))"
+	@echo "make lint         ruff check src tests; mypy src"
+	@echo "make unit         unit tests only"
+	@echo "make integration  integration tests only (needs root)"
+	@echo "make check        validate config/qgafreeze.yaml and print its plan"
+	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
+	@echo "                  qemu-ga and enable qgafreeze.socket"
+	@echo "make uninstall    undo install (keeps $(SYSCONFDIR)/qgafreeze.yaml)"
+
+deps:
+	@set -e; \
+	if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		missing=; \
+		for p in $(DEB_TEST_PKGS); do \
+			case "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" in \
+				*" ok installed") ;; \
+				*) missing="$$missing $$p" ;; \
+			esac; \
+		done; \
+		if [ -n "$$missing" ]; then \
+			echo "deps: installing$$missing"; \
+			apt-get update -q; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+		fi; \
+	elif command -v dnf >/dev/null 2>&1; then \
+		missing=; \
+		for p in $(RPM_TEST_PKGS); do rpm -q "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			echo "deps: installing$$missing"; \
+			dnf install -y $$missing; \
+		fi; \
+	else \
+		echo "deps: neither apt-get nor dnf found; install by hand: $(DEB_TEST_PKGS)" >&2; \
+		exit 1; \
+	fi; \
+	stamp="$(TOOL_PINS) python=$$($(PYTHON) -c 'import sys; print(sys.version.split()[0])')"; \
+	mkdir -p "$(dir $(TOOLS))"; \
+	exec 9>"$(TOOLS).lock"; \
+	if command -v flock >/dev/null 2>&1; then flock 9; fi; \
+	if [ -x "$(TOOLS)/bin/python" ] && [ "$$(cat "$(TOOLS)/.stamp" 2>/dev/null)" = "$$stamp" ]; then \
+		exit 0; \
+	fi; \
+	echo "deps: building the linters' venv $(TOOLS) ($(TOOL_PINS))"; \
+	rm -rf "$(TOOLS)"; \
+	$(PYTHON) -m venv "$(TOOLS)"; \
+	"$(TOOLS)/bin/python" -m pip install -q --disable-pip-version-check $(TOOL_PINS); \
+	printf '%s\n' "$$stamp" > "$(TOOLS)/.stamp"
+
+lint: deps
+	$(RUFF) check src tests
+	$(MYPY) src
+
+unit:
+	PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit
+
+integration:
+	PYTHONPATH=src $(PYTHON) -m pytest -q tests/integration
+
+# One pytest run for both tiers, so that the run ends on a single summary line.
+test: deps lint
+	PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit tests/integration
+
+check:
+	PYTHONPATH=src $(PYTHON) -m qgafreeze check -c config/qgafreeze.yaml
+
+# Wrappers run the distribution's Python isolated (-I: no PYTHONPATH, no user site, no script
+# directory on sys.path) and without writing bytecode (-B): qemu-ga runs the hook while
+# filesystems are frozen, when any write would block.
+define wrapper
+printf '%s\n' \
+	'#!$(PYTHON) -IB' \
+	'import sys' \
+	'sys.path.insert(0, "$(LIBDIR)")' \
+	'try:' \
+	'    from qgafreeze.$(1) import main' \
+	'except ImportError as exc:' \
+	'    sys.exit(f"$(2): broken installation under $(LIBDIR): {exc}")' \
+	'raise SystemExit(main())'
+endef
+
+install:
+	@set -e; \
+	if ! $(PYTHON) -c 'import yaml, pydbus, systemd.journal' 2>/dev/null; then \
+		if [ -n "$(DESTDIR)" ]; then \
+			echo "warning: $(PYTHON) cannot import yaml, pydbus and systemd.journal here;" \
+				"the target system needs $(DEB_RUNTIME_PKGS)" >&2; \
+		elif command -v apt-get >/dev/null 2>&1; then \
+			echo "install: installing $(DEB_RUNTIME_PKGS)"; \
+			apt-get update -q; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEB_RUNTIME_PKGS); \
+		elif command -v dnf >/dev/null 2>&1; then \
+			echo "install: installing $(RPM_RUNTIME_PKGS)"; \
+			dnf install -y $(RPM_RUNTIME_PKGS); \
+		else \
+			echo "install: $(PYTHON) cannot import yaml, pydbus and systemd.journal, and there is" \
+				"neither apt-get nor dnf to install them: install PyYAML, pydbus and" \
+				"systemd-python for $(PYTHON) by hand, then run make install again" >&2; \
+			exit 1; \
+		fi; \
+		if [ -z "$(DESTDIR)" ] && ! $(PYTHON) -c 'import yaml, pydbus, systemd.journal'; then \
+			echo "install: $(PYTHON) still cannot import its dependencies" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	@set -e; \
+	for f in src/qgafreeze/*.py systemd/qgafreeze.service systemd/qgafreeze.socket \
+			config/qgafreeze.yaml; do \
+		[ -f "$$f" ] || { echo "install: $$f is missing from the source tree" >&2; exit 1; }; \
+	done
+	install -d -m 0755 "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(LIBEXECDIR)" \
+		"$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSCONFDIR)" "$(DESTDIR)$(DOCDIR)"
+	@# The package is staged beside its final place and swapped in by rename, so that qemu-ga
+	@# never runs the hook against a half-copied package, and modules removed upstream go away.
+	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze.new" "$(DESTDIR)$(LIBDIR)/qgafreeze.old"
+	install -d -m 0755 "$(DESTDIR)$(LIBDIR)/qgafreeze.new"
+	install -m 0644 src/qgafreeze/*.py "$(DESTDIR)$(LIBDIR)/qgafreeze.new/"
+	$(PYTHON) -m compileall -q -d "$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.new"
+	@set -e; \
+	if [ -d "$(DESTDIR)$(LIBDIR)/qgafreeze" ]; then \
+		mv "$(DESTDIR)$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.old"; \
+	fi; \
+	mv "$(DESTDIR)$(LIBDIR)/qgafreeze.new" "$(DESTDIR)$(LIBDIR)/qgafreeze"; \
+	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze.old"
+	@# Written beside and renamed into place: qemu-ga may run the hook at any moment.
+	@$(call wrapper,cli,qgafreeze) > "$(DESTDIR)$(BINDIR)/.qgafreeze.tmp"
+	@chmod 0755 "$(DESTDIR)$(BINDIR)/.qgafreeze.tmp"
+	@mv -f "$(DESTDIR)$(BINDIR)/.qgafreeze.tmp" "$(DESTDIR)$(BINDIR)/qgafreeze"
+	@echo "installed $(DESTDIR)$(BINDIR)/qgafreeze"
+	@$(call wrapper,shim,fsfreeze-hook) > "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp"
+	@chmod 0755 "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp"
+	@mv -f "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp" "$(DESTDIR)$(HOOK)"
+	@echo "installed $(DESTDIR)$(HOOK)"
+	@set -e; \
+	for u in qgafreeze.service qgafreeze.socket; do \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBEXECDIR@|$(LIBEXECDIR)|g' \
+			-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' "systemd/$$u" > "$(DESTDIR)$(UNITDIR)/.$$u.tmp"; \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/.$$u.tmp"; \
+		mv -f "$(DESTDIR)$(UNITDIR)/.$$u.tmp" "$(DESTDIR)$(UNITDIR)/$$u"; \
+		echo "installed $(DESTDIR)$(UNITDIR)/$$u"; \
+	done; \
+	if [ -e "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml" ]; then \
+		echo "kept the existing $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
+	else \
+		install -m 0600 config/qgafreeze.yaml "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
+		echo "installed $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml (mode 0600)"; \
+	fi; \
+	for f in README.md docs/*.md; do \
+		if [ -f "$$f" ]; then install -m 0644 "$$f" "$(DESTDIR)$(DOCDIR)/"; fi; \
+	done
+	@set -e; \
+	if [ -n "$(DESTDIR)" ]; then exit 0; fi; \
+	"$(BINDIR)/qgafreeze" install --hook "$(HOOK)"; \
+	if [ ! -d /run/systemd/system ]; then \
+		echo "warning: systemd is not running here: run 'systemctl daemon-reload'," \
+			"'systemctl enable --now qgafreeze.socket' and" \
+			"'systemctl try-restart qemu-guest-agent.service' once it is" >&2; \
+		exit 0; \
+	fi; \
+	systemctl daemon-reload; \
+	systemctl enable --now qgafreeze.socket; \
+	systemctl try-restart qgafreeze.service; \
+	systemctl try-restart qemu-guest-agent.service; \
+	echo "qgafreeze.socket is enabled; qemu-ga now runs $(HOOK)"
+
+uninstall:
+	@set -e; \
+	if [ -n "$(DESTDIR)" ]; then exit 0; fi; \
+	if [ -x "$(BINDIR)/qgafreeze" ]; then \
+		"$(BINDIR)/qgafreeze" install --remove --hook "$(HOOK)" \
+			|| echo "warning: could not take $(HOOK) out of qemu-ga's settings" >&2; \
+	else \
+		echo "warning: $(BINDIR)/qgafreeze is gone: check qemu-ga's fsfreeze hook by hand" >&2; \
+	fi; \
+	if [ ! -d /run/systemd/system ]; then \
+		echo "warning: systemd is not running here: nothing to stop or disable" >&2; \
+		exit 0; \
+	fi; \
+	systemctl try-restart qemu-guest-agent.service \
+		|| echo "warning: could not restart qemu-guest-agent.service" >&2; \
+	systemctl disable --now qgafreeze.socket qgafreeze.service \
+		|| echo "warning: could not disable qgafreeze.socket and qgafreeze.service" >&2
+	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze" "$(DESTDIR)$(HOOK)" \
+		"$(DESTDIR)$(UNITDIR)/qgafreeze.service" "$(DESTDIR)$(UNITDIR)/qgafreeze.socket"
+	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.new" \
+		"$(DESTDIR)$(LIBDIR)/qgafreeze.old" "$(DESTDIR)$(DOCDIR)"
+	@# Only if empty: something else may have been installed beside us.
+	@for d in "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(LIBEXECDIR)"; do rmdir "$$d" 2>/dev/null || true; done
+	@if [ -e "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml" ]; then \
+		echo "kept $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml (your configuration): delete it by hand" \
+			"if you no longer need it"; \
+	fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload || echo "warning: systemctl daemon-reload failed" >&2; \
+	fi

@@ -1,0 +1,190 @@
+"""``qgafreeze``: daemon | check | status | freeze | thaw | install.
+
+Errors are printed as one clear message and mapped to exit codes; no traceback reaches a user.
+Exit codes: 0 success, 1 failure, 2 invalid config, 3 daemon or bus unreachable, 4 forbidden,
+64 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, format_duration, load_file
+from .errors import ConfigError, QgafreezeError
+from .planner import PhasePlan, build_plan
+
+EXIT_USAGE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qgafreeze", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"qgafreeze {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        help=f"config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    # -c is accepted after the command too (`qgafreeze check -c FILE`), as people type it.
+    config_option = _Parser(add_help=False)
+    config_option.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file")
+    sub.add_parser(
+        "daemon", parents=[config_option], help="run the daemon (started by qgafreeze.service)"
+    )
+    sub.add_parser(
+        "check",
+        parents=[config_option],
+        help="validate the config and print the freeze and thaw plan",
+    )
+    for name, text in (
+        ("status", "show the daemon's state and its last cycle"),
+        ("freeze", "quiesce every app now, as qemu-ga's freeze hook would"),
+        ("thaw", "resume every paused app now, as qemu-ga's thaw hook would"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument(
+            "--socket", help="daemon socket (default $QGAFREEZE_SOCKET or the standard path)"
+        )
+        command.add_argument("--json", action="store_true", help="print the daemon's raw reply")
+    install = sub.add_parser(
+        "install", help="make qemu-ga run the qgafreeze hook (used by make install)"
+    )
+    install.add_argument("--hook", required=True, help="path of the installed fsfreeze-hook shim")
+    install.add_argument("--root", default="/", help="root of the system to configure (default /)")
+    install.add_argument(
+        "--remove", action="store_true", help="undo: stop qemu-ga from running the shim"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "daemon":
+            from .daemon import run  # only the daemon needs pydbus and the systemd bindings
+
+            return run(args.config)
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "install":
+            return _install(args)
+        return _client(args.command, args.socket, args.json)
+    except ConfigError as exc:
+        print(f"qgafreeze: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except QgafreezeError as exc:
+        print(f"qgafreeze: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check(path: str) -> int:
+    config = load_file(path)
+    plan = build_plan(config)
+    print(render_plan(config, plan.freeze, plan.thaw))
+    return 0
+
+
+def render_plan(config: Config, freeze: PhasePlan, thaw: PhasePlan) -> str:
+    s = config.settings
+    lines = [
+        f"{config.source}: valid, {len(config.apps)} app(s)",
+        f"settings: freeze_timeout {format_duration(s.freeze_timeout)}, thaw_timeout"
+        f" {format_duration(s.thaw_timeout)}, max_frozen "
+        + (format_duration(s.max_frozen) if s.max_frozen else "off (no watchdog)"),
+        f"          hook_log {s.hook_log or 'off'}, socket {s.socket}",
+    ]
+    if not config.apps:
+        lines.append("no apps: a freeze only writes the logs")
+    intro = {
+        "freeze": "freeze: users before what they use; each app starts once its waits are done",
+        "thaw": "thaw: the reverse; only apps the freeze paused, only units that were running",
+    }
+    for phase in (freeze, thaw):
+        lines.append("")
+        lines.append(intro[phase.name])
+        for number, step in enumerate(phase.steps, 1):
+            lines.append(f"  step {number}" + (", in parallel:" if len(step) > 1 else ":"))
+            for name in step:
+                waits = phase.predecessors(name)
+                lines.append(f"    {name}" + (f"  (waits for {', '.join(waits)})" if waits else ""))
+    lines.append("")
+    lines.append("apps:")
+    for app in config.apps:
+        lines.append(
+            f"  {app.name}: timeout {format_duration(app.timeout)}, on failure {app.on_failure}"
+        )
+        lines.append(
+            f"    freeze: stop {', '.join(app.units)} if running (and the sockets, paths and"
+            " timers that would start them again)"
+        )
+        lines.append("    thaw: start what the freeze stopped")
+    return "\n".join(lines)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .install import configure_qemu_ga, unconfigure_qemu_ga
+
+    action = unconfigure_qemu_ga if args.remove else configure_qemu_ga
+    for line in action(args.hook, root=args.root):
+        print(f"qgafreeze: {line}")
+    return 0
+
+
+def _client(op: str, socket: str | None, raw: bool) -> int:
+    from .shim import request, socket_path, summarize
+
+    reply = request(op, socket_path(socket))
+    if raw:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif op == "status":
+        print(render_status(reply))
+    else:
+        summarize(reply, sys.stdout)
+    return 0 if reply.get("ok") else 1
+
+
+def render_status(reply: dict[str, Any]) -> str:
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        return f"qgafreeze: status failed [{error.get('code')}]: {error.get('message')}"
+    lines = [
+        f"state: {reply.get('state')}"
+        + (f" (cycle {reply['cycle']})" if reply.get("cycle") else ""),
+        f"paused apps: {', '.join(reply.get('paused_apps') or []) or 'none'}",
+        f"apps configured: {', '.join(reply.get('apps') or []) or 'none'}",
+        f"daemon: pid {reply.get('pid')}, version {reply.get('version')},"
+        f" up {reply.get('uptime_s')} s, config {reply.get('config')}",
+    ]
+    if reply.get("hook_log_error"):
+        lines.append(f"hook log: {reply['hook_log_error']}")
+    last = reply.get("last")
+    if last:
+        result = "ok" if last.get("ok") else f"FAILED: {last.get('error')}"
+        lines.append(
+            f"last cycle: {last.get('op')} {result} in {last.get('duration_ms')} ms"
+            f" (cycle {last.get('cycle')}, {last.get('reason')})"
+        )
+        for app in last.get("apps") or []:
+            lines.append(
+                f"  {app.get('app')}: {app.get('phase')} {app.get('result')}"
+                f" in {app.get('duration_ms')} ms"
+                + (f": {app['message']}" if app.get("message") else "")
+            )
+    else:
+        lines.append("last cycle: none since the daemon started")
+    return "\n".join(lines)

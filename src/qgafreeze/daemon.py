@@ -1,0 +1,226 @@
+"""The composition root: builds the daemon's objects, serves requests, handles signals.
+
+Everything the control path will need is imported here, at start-up: between freeze and thaw an
+import would read (and, without ``dont_write_bytecode``, write) files on a frozen disk.  An audit
+hook counts any import that still happens while a cycle is running; ``status`` reports the count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from . import __version__, protocol
+from .actions import build_actions
+from .config import Config, load_file
+from .engine import ABANDON_GRACE, THAWED, CycleReport, Engine
+from .errors import Busy, ConfigError, QgafreezeError
+from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
+from .planner import build_plan
+from .server import Peer, Send, Server, activated_listener, bind_listener, notify
+from .systemd import SystemdManager
+from .units import UnitManager
+
+# Bounded wait for the hook log to reach the disk before we tell qemu-ga to freeze it.
+FLUSH_BEFORE_FREEZE = 1.0
+
+
+def report_reply(report: CycleReport) -> dict[str, Any]:
+    reply: dict[str, Any] = {
+        "ok": report.ok,
+        "op": report.op,
+        "cycle": report.cycle,
+        "reason": report.reason,
+        "state": report.state,
+        "duration_ms": report.duration_ms,
+        "apps": [o.to_dict() for o in report.apps],
+        "rollback": [o.to_dict() for o in report.rollback],
+    }
+    if report.note:
+        reply["note"] = report.note
+    if report.error is not None:
+        reply["error"] = {"code": report.error.code, "message": report.error.message}
+    return reply
+
+
+class ImportGuard:
+    """sys.addaudithook callback: counts module imports made while a cycle is running."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.count = 0
+        self.last = ""
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if event == "import" and self.engine is not None and self.engine.state != THAWED:
+            self.count += 1
+            self.last = str(args[0])
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: str,
+        engine: Engine,
+        log: LogWriter,
+        manager: UnitManager,
+        guard: ImportGuard,
+        started: float,
+    ) -> None:
+        self._config_path = config_path
+        self.engine = engine
+        self._log = log
+        self._manager = manager
+        self._guard = guard
+        self._stop = False
+        self._reload = False
+        self._started = started
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def __call__(self, request: dict[str, Any], peer: Peer, send: Send) -> dict[str, Any]:
+        op = request["op"]
+        engine = self.engine
+        if op == "ping":
+            return {"ok": True, "op": op, "state": engine.state, "version": __version__}
+        if op == "status":
+            return {
+                "ok": True,
+                "op": op,
+                **engine.status(),
+                "version": __version__,
+                "pid": os.getpid(),
+                "config": self._config_path,
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "log_records_dropped": self._log.dropped,
+                "hook_log_error": self._log.hook_log_error or None,
+                "imports_during_cycles": self._guard.count,
+            }
+        if self._stop:
+            raise Busy("the daemon is shutting down")
+        settings = engine.config.settings
+        budget = settings.thaw_timeout + ABANDON_GRACE
+        if op == "freeze":  # a failed freeze rolls back within the thaw budget
+            budget += settings.freeze_timeout + ABANDON_GRACE
+        send({"accepted": True, "op": op, "timeout_ms": round((budget + 1) * 1000)})
+        notify(f"STATUS={op} requested by pid {peer.pid}")
+        try:
+            report = engine.freeze() if op == "freeze" else engine.thaw()
+        finally:
+            notify(f"STATUS={self._status_line()}")
+        if op == "freeze":
+            self._log.flush(FLUSH_BEFORE_FREEZE)
+        return report_reply(report)
+
+    def _status_line(self) -> str:
+        engine = self.engine
+        paused = engine.paused_apps
+        line = f"{engine.state}; {len(engine.config.apps)} app(s) configured"
+        if paused:
+            line += f"; paused: {', '.join(paused)}"
+        return line
+
+    # -- signals and lifecycle -----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def request_reload(self) -> None:
+        self._reload = True
+
+    def reload(self) -> None:
+        self._reload = False
+        notify("RELOADING=1")
+        try:
+            config = load_file(self._config_path)
+            plan = build_plan(config)
+            self.engine.reconfigure(config, plan, build_actions(config.apps, self._manager))
+        except ConfigError as exc:
+            self._log.daemon_event(
+                f"reload refused, keeping the last good config: {exc}", PRIORITY_ERR
+            )
+        except QgafreezeError as exc:
+            self._log.daemon_event(f"reload refused: {exc.message}", PRIORITY_WARNING)
+        else:
+            self._log.set_hook_log(config.settings.hook_log)
+            self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
+        notify(f"READY=1\nSTATUS={self._status_line()}")
+
+    def shutdown(self) -> int:
+        """SIGTERM or SIGINT: resume every paused app before exiting (also mid-cycle)."""
+        notify("STOPPING=1\nSTATUS=stopping: resuming paused apps")
+        settings = self.engine.config.settings
+        wait = settings.freeze_timeout + settings.thaw_timeout + 2 * ABANDON_GRACE
+        status = 0
+        try:
+            report = self.engine.thaw(reason="shutdown", wait=wait)
+            if not report.ok:
+                status = 1
+        except QgafreezeError as exc:
+            self._log.daemon_event(f"shutdown thaw failed: {exc.message}", PRIORITY_ERR)
+            status = 1
+        self._log.daemon_event("qgafreeze daemon stopped", PRIORITY_INFO)
+        self._log.close()
+        return status
+
+    def run(self, server: Server) -> int:
+        for signum, handler in (
+            (signal.SIGTERM, self.request_stop),
+            (signal.SIGINT, self.request_stop),
+            (signal.SIGHUP, self.request_reload),
+        ):
+            signal.signal(signum, _waking(handler, server))
+        notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+        self._log.daemon_event(
+            f"qgafreeze {__version__} ready: {len(self.engine.config.apps)} app(s) from"
+            f" {self._config_path}, ready in {round((time.monotonic() - self._started) * 1000)} ms"
+        )
+        while True:
+            server.serve(lambda: self._stop or self._reload)
+            if self._stop:
+                return self.shutdown()
+            self.reload()
+
+
+def _waking(handler: Any, server: Server) -> Any:
+    def on_signal(signum: int, frame: object) -> None:
+        handler()
+        server.wake()
+
+    return on_signal
+
+
+def _warm_up(log: LogWriter) -> None:
+    """Run once what the control path runs, so lazy imports happen now, not while frozen."""
+    protocol.parse_reply(protocol.encode({"op": "ping", "x": [1, 2.5, None, True]}))
+    time.strftime("%a %b %e %H:%M:%S %Z %Y", time.localtime())
+    "é".encode().decode("utf-8")
+    traceback.format_exc()
+    threading.Event().wait(0)
+    log.flush(1.0)
+
+
+def run(config_path: str) -> int:
+    """Build everything, then serve.  Raises QgafreezeError for a start-up failure."""
+    started = time.monotonic()
+    sys.dont_write_bytecode = True  # never write .pyc files, least of all on a frozen disk
+    guard = ImportGuard()
+    sys.addaudithook(guard)
+    config: Config = load_file(config_path)
+    log = LogWriter(config.settings.hook_log, default_journal_send())
+    manager = SystemdManager()
+    plan = build_plan(config)
+    engine = Engine(config, plan, build_actions(config.apps, manager), log)
+    guard.engine = engine
+    listener = activated_listener()
+    if listener is None:
+        listener = bind_listener(config.settings.socket)
+    daemon = Daemon(config_path, engine, log, manager, guard, started)
+    server = Server(listener, daemon, log)
+    _warm_up(log)
+    return daemon.run(server)

@@ -1,0 +1,432 @@
+"""Runs a plan: freeze and thaw cycles, in dependency order, in parallel, under deadlines.
+
+States: thawed -> freezing -> frozen -> thawing -> thawed.  The rules an administrator relies on:
+
+* a failed or timed-out freeze (``on_failure: abort``, or the whole-phase deadline) resumes every
+  app this cycle touched, in thaw order, and the freeze fails;
+* thaw resumes only what this cycle paused, goes on past failures, and keeps what it could not
+  resume so that the next thaw tries again;
+* thaw with nothing frozen succeeds and changes nothing; a freeze while frozen is refused;
+* one cycle at a time: a request that arrives during a cycle is answered ``busy``, not queued;
+* the watchdog (``max_frozen``) thaws by itself when no thaw arrives in time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .actions import Action, ActionContext
+from .config import Config
+from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
+from .planner import PhasePlan, Plan, subset
+
+THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
+OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
+
+# How long past its deadline a stuck action thread is waited for before it is abandoned.  The
+# D-Bus calls are bounded by the same deadline, so this only covers a wedged bus.
+ABANDON_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class AppOutcome:
+    app: str
+    phase: str
+    result: str  # ok, failed, timeout, skipped
+    duration_ms: int
+    message: str = ""
+    output: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()  # the units the app declares, for logs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "phase": self.phase,
+            "result": self.result,
+            "duration_ms": self.duration_ms,
+            "message": self.message,
+            "output": list(self.output),
+        }
+
+
+@dataclass
+class CycleReport:
+    op: str  # freeze or thaw
+    cycle: str
+    reason: str  # request, watchdog, shutdown
+    ok: bool = True
+    state: str = THAWED
+    apps: list[AppOutcome] = field(default_factory=list)
+    rollback: list[AppOutcome] = field(default_factory=list)
+    error: QgafreezeError | None = None
+    note: str = ""
+    duration_ms: int = 0
+
+
+class EventSink(Protocol):
+    """Where the engine reports; logs.py writes these to journald and the hook log."""
+
+    def app_started(self, cycle: str, phase: str, app: str) -> None: ...
+
+    def app_finished(self, cycle: str, outcome: AppOutcome) -> None: ...
+
+    def cycle_finished(self, report: CycleReport) -> None: ...
+
+    def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
+
+
+Clock = Callable[[], float]
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        plan: Plan,
+        actions: Mapping[str, Action],
+        events: EventSink,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._plan = plan
+        self._actions = actions
+        self._events = events
+        self._clock = clock
+        self._cycle_lock = threading.Lock()  # held for a whole cycle
+        self._state = THAWED
+        self._cycle = ""
+        self._frozen_at = 0.0  # wall clock, for status
+        self._paused: dict[str, list[str]] = {}  # app -> what to restore; survives failed thaws
+        self._last: CycleReport | None = None
+        self._watchdog_cancel: threading.Event | None = None
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def paused_apps(self) -> list[str]:
+        return [app for app in self._plan.thaw.order if app in self._paused]
+
+    def status(self) -> dict[str, Any]:
+        last = self._last
+        return {
+            "state": self._state,
+            "cycle": self._cycle,
+            "frozen_since": self._frozen_at if self._state == FROZEN else None,
+            "paused_apps": self.paused_apps,
+            "apps": list(self._config.app_names),
+            "last": None
+            if last is None
+            else {
+                "op": last.op,
+                "cycle": last.cycle,
+                "reason": last.reason,
+                "ok": last.ok,
+                "duration_ms": last.duration_ms,
+                "error": last.error.message if last.error else None,
+                "apps": [o.to_dict() for o in last.apps + last.rollback],
+            },
+        }
+
+    def reconfigure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
+        """Take a new config, only between cycles with nothing paused (never mid-cycle)."""
+        if not self._cycle_lock.acquire(blocking=False):
+            raise Busy("a cycle is in progress; the new config was not applied, reload again later")
+        try:
+            if self._state != THAWED or self._paused:
+                raise StateError(
+                    f"state is {self._state} with paused apps {', '.join(self.paused_apps) or '-'};"
+                    " the new config was not applied: thaw first, then reload"
+                )
+            self._config, self._plan, self._actions = config, plan, actions
+        finally:
+            self._cycle_lock.release()
+
+    # -- cycles --------------------------------------------------------------------------------
+
+    def freeze(self, reason: str = "request") -> CycleReport:
+        if not self._cycle_lock.acquire(blocking=False):
+            raise Busy(f"a {self._state} cycle is in progress; try again when it ends")
+        try:
+            if self._state == FROZEN:
+                raise StateError(
+                    f"already frozen (cycle {self._cycle}); a second freeze is refused, thaw first"
+                )
+            if self._paused:
+                raise StateError(
+                    "apps still paused by an earlier cycle: "
+                    f"{', '.join(self.paused_apps)}; thaw first so they are resumed"
+                )
+            return self._freeze(reason)
+        finally:
+            self._cycle_lock.release()
+
+    def thaw(self, reason: str = "request", wait: float = 0.0) -> CycleReport:
+        """Resume what is paused.  ``wait`` > 0 waits that long for a running cycle to end."""
+        acquired = (
+            self._cycle_lock.acquire(timeout=wait)
+            if wait > 0
+            else self._cycle_lock.acquire(blocking=False)
+        )
+        if not acquired:
+            raise Busy(f"a {self._state} cycle is in progress; try again when it ends")
+        try:
+            return self._thaw(reason)
+        finally:
+            self._cycle_lock.release()
+
+    def _freeze(self, reason: str) -> CycleReport:
+        started = self._clock()
+        self._cycle = uuid.uuid4().hex[:12]
+        self._state = FREEZING
+        report = CycleReport(op="freeze", cycle=self._cycle, reason=reason)
+        phase_deadline = started + self._config.settings.freeze_timeout
+
+        def halts(outcome: AppOutcome) -> bool:
+            return outcome.result in (FAILED, TIMEOUT) and (
+                self._config.app(outcome.app).on_failure == "abort"
+            )
+
+        report.apps = self._run_phase(self._plan.freeze, self._quiesce_app, phase_deadline, halts)
+        # Skipped apps exist only after a halt or past the phase deadline: either way some app is
+        # not quiesced, so the snapshot would not be consistent and the freeze must fail.
+        abort = [o for o in report.apps if halts(o)] + [
+            o for o in report.apps if o.result == SKIPPED
+        ]
+        if abort:
+            report.ok = False
+            report.error = _failure(abort[0], "freeze")
+            self._state = THAWING
+            report.rollback = self._resume_paused(report.cycle, "rollback")
+            self._state = THAWED
+        else:
+            self._state = FROZEN
+            self._frozen_at = time.time()
+            self._arm_watchdog()
+        report.state = self._state
+        report.duration_ms = _ms(self._clock() - started)
+        self._finish(report)
+        return report
+
+    def _thaw(self, reason: str) -> CycleReport:
+        started = self._clock()
+        self._disarm_watchdog()
+        report = CycleReport(op="thaw", cycle=self._cycle, reason=reason)
+        if not self._paused:
+            report.note = "nothing to thaw: no app is paused"
+            if self._state == FROZEN:  # every app was skipped or continued past a failure
+                report.note = "no app needed resuming"
+            self._state = THAWED
+        else:
+            self._state = THAWING
+            report.apps = self._resume_paused(report.cycle, "thaw")
+            self._state = THAWED
+            failed = [o for o in report.apps if o.result != OK]
+            if failed:
+                report.ok = False
+                report.error = _failure(failed[0], "thaw")
+        report.state = self._state
+        report.duration_ms = _ms(self._clock() - started)
+        self._finish(report)
+        return report
+
+    def _finish(self, report: CycleReport) -> None:
+        self._last = report
+        self._events.cycle_finished(report)
+
+    # -- one app -------------------------------------------------------------------------------
+
+    def _quiesce_app(
+        self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
+    ) -> AppOutcome:
+        restore: list[str] = []
+        self._paused[app] = restore  # before anything is paused, so a failure is always undone
+        ctx = ActionContext(deadline=deadline, restore=restore, cancelled=cancel)
+        outcome = self._run_action(app, ctx, self._actions[app].quiesce, cycle, phase)
+        if not restore and outcome.result == OK:
+            del self._paused[app]  # nothing was paused (all its units were already stopped)
+        return outcome
+
+    def _resume_app(
+        self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
+    ) -> AppOutcome:
+        ctx = ActionContext(deadline=deadline, restore=self._paused[app], cancelled=cancel)
+        outcome = self._run_action(app, ctx, self._actions[app].resume, cycle, phase)
+        if outcome.result == OK:
+            self._paused.pop(app, None)
+        return outcome
+
+    def _run_action(
+        self,
+        app: str,
+        ctx: ActionContext,
+        step: Callable[[ActionContext], None],
+        cycle: str,
+        phase: str,
+    ) -> AppOutcome:
+        self._events.app_started(cycle, phase, app)
+        started = self._clock()
+        result, message = OK, ""
+        try:
+            step(ctx)
+        except ActionTimeout as exc:
+            result, message = TIMEOUT, exc.message
+        except QgafreezeError as exc:
+            result, message = FAILED, exc.message
+        except Exception as exc:  # a bug must fail one app, not the cycle or the daemon
+            result, message = FAILED, f"internal error: {exc!r}"
+            self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
+        outcome = AppOutcome(
+            app=app,
+            phase=phase,
+            result=result,
+            duration_ms=_ms(self._clock() - started),
+            message=message,
+            output=tuple(ctx.output),
+            units=self._config.app(app).units,
+        )
+        self._events.app_finished(cycle, outcome)
+        return outcome
+
+    def _resume_paused(self, cycle: str, phase_name: str) -> list[AppOutcome]:
+        phase = subset(self._plan.thaw, set(self._paused))
+        deadline = self._clock() + self._config.settings.thaw_timeout
+        return self._run_phase(phase, self._resume_app, deadline, lambda _o: False, phase_name)
+
+    # -- the DAG runner ------------------------------------------------------------------------
+
+    def _run_phase(
+        self,
+        phase: PhasePlan,
+        step: Callable[[str, float, threading.Event, str, str], AppOutcome],
+        phase_deadline: float,
+        halts: Callable[[AppOutcome], bool],
+        label: str | None = None,
+    ) -> list[AppOutcome]:
+        """Start each app as soon as the apps it waits for are done; bounded by deadlines.
+
+        Returns one outcome per app in plan order.  After an outcome for which ``halts`` is true,
+        nothing new starts; apps never started are reported as skipped.
+        """
+        label = label or phase.name
+        cycle = self._cycle
+        waits = dict(phase.waits_for)
+        pending = list(phase.order)
+        done: dict[str, AppOutcome] = {}
+        running: dict[str, tuple[float, threading.Event]] = {}  # app -> (hard limit, cancel)
+        finished: list[tuple[str, AppOutcome]] = []
+        wake = threading.Condition()
+        halted_by = ""
+
+        def work(app: str, deadline: float, cancel: threading.Event) -> None:
+            outcome = step(app, deadline, cancel, cycle, label)
+            with wake:
+                finished.append((app, outcome))
+                wake.notify()
+
+        while pending or running:
+            now = self._clock()
+            if not halted_by and now < phase_deadline:
+                for app in [a for a in pending if all(d in done for d in waits[a])]:
+                    pending.remove(app)
+                    deadline = min(now + self._config.app(app).timeout, phase_deadline)
+                    cancel = threading.Event()
+                    running[app] = (deadline + ABANDON_GRACE, cancel)
+                    threading.Thread(
+                        target=work,
+                        args=(app, deadline, cancel),
+                        name=f"{label}-{app}",
+                        daemon=True,
+                    ).start()
+            if not running:
+                why = (
+                    f"not started: {halted_by} failed and the freeze is aborted"
+                    if halted_by
+                    else f"not started: the {label} phase deadline passed"
+                )
+                for app in pending:
+                    done[app] = AppOutcome(
+                        app, label, SKIPPED, 0, why, units=self._config.app(app).units
+                    )
+                    self._events.app_finished(cycle, done[app])
+                break
+            with wake:
+                if not finished:
+                    wake.wait(max(0.0, min(limit for limit, _ in running.values()) - self._clock()))
+                batch, finished[:] = finished[:], []
+            for app, outcome in batch:
+                if app in running:  # an abandoned worker's late answer is ignored
+                    del running[app]
+                    done[app] = outcome
+                    if not halted_by and halts(outcome):
+                        halted_by = app
+            now = self._clock()
+            for app, (limit, cancel) in list(running.items()):
+                if now >= limit:
+                    cancel.set()  # whatever it has not paused yet, it must not pause any more
+                    del running[app]
+                    done[app] = AppOutcome(
+                        app,
+                        label,
+                        TIMEOUT,
+                        _ms(limit - now),
+                        "did not return by its deadline",
+                        units=self._config.app(app).units,
+                    )
+                    self._events.problem(
+                        f"{app}: {label} action abandoned past its deadline", cycle
+                    )
+                    if not halted_by and halts(done[app]):
+                        halted_by = app
+        return [done[a] for a in phase.order if a in done]
+
+    # -- watchdog ------------------------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        limit = self._config.settings.max_frozen
+        if limit <= 0:
+            return
+        cancel = threading.Event()
+        self._watchdog_cancel = cancel
+        cycle = self._cycle
+
+        def fire() -> None:
+            if cancel.wait(limit):  # one timed wait, no polling
+                return
+            self._events.problem(
+                f"no thaw within max_frozen ({limit:g}s): resuming every paused app", cycle
+            )
+            try:
+                self.thaw(reason="watchdog", wait=self._config.settings.thaw_timeout)
+            except QgafreezeError as exc:
+                self._events.problem(f"watchdog thaw failed: {exc.message}", cycle)
+
+        threading.Thread(target=fire, name="watchdog", daemon=True).start()
+
+    def _disarm_watchdog(self) -> None:
+        if self._watchdog_cancel is not None:
+            self._watchdog_cancel.set()
+            self._watchdog_cancel = None
+
+
+def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
+    if outcome.result == TIMEOUT:
+        return ActionTimeout(f"{phase} of {outcome.app} timed out: {outcome.message}")
+    return CycleFailed(phase, f"{phase} of {outcome.app} {outcome.result}: {outcome.message}")
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))

@@ -1,0 +1,86 @@
+"""The socket protocol, shared by the daemon and the shim.  Standard library only.
+
+Newline-delimited JSON over a stream unix socket, one request per connection:
+
+    -> {"op": "freeze"}
+    <- {"accepted": true, "op": "freeze", "timeout_ms": 185000}     (freeze and thaw only)
+    <- {"ok": true, "op": "freeze", "state": "frozen", "cycle": "...", "apps": [...]}
+
+The ``accepted`` line tells the client how long the daemon may take at most, so the shim waits
+exactly that long (plus a margin) instead of a guess.  A failure reply carries
+``"error": {"code": ..., "message": ...}``; codes are the ``code`` of errors.py classes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from .errors import ProtocolError
+
+DEFAULT_SOCKET = "/run/qgafreeze/qgafreeze.sock"
+SOCKET_ENV = "QGAFREEZE_SOCKET"
+OPS = ("ping", "status", "freeze", "thaw")
+LONG_OPS = ("freeze", "thaw")
+MAX_LINE = 64 * 1024  # a request is a few dozen bytes; anything near this is hostile
+REQUEST_TIMEOUT = 5.0  # a client that connects must say what it wants within this
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
+
+
+def read_line(sock: socket.socket, deadline: float, limit: int = MAX_LINE) -> bytes:
+    """One newline-terminated line, or ProtocolError on timeout, EOF, or a line over ``limit``."""
+    buf = bytearray()
+    while True:
+        newline = buf.find(b"\n")
+        if newline >= 0:
+            return bytes(buf[:newline])
+        if len(buf) > limit:
+            raise ProtocolError(f"line longer than {limit} bytes")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError("timed out waiting for a complete line")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            raise ProtocolError("timed out waiting for a complete line") from None
+        except OSError as exc:
+            raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
+        if not chunk:
+            raise ProtocolError("connection closed before a complete line")
+        buf += chunk
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("request is not a JSON object on one line") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("request is not a JSON object on one line")
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    unknown = sorted(set(message) - {"op"})
+    if unknown:
+        raise ProtocolError(f"unknown request field(s): {', '.join(map(str, unknown))}")
+    return message
+
+
+def parse_reply(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the daemon's reply is not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("the daemon's reply is not a JSON object")
+    return message
+
+
+def error_reply(op: str | None, code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"ok": False, "op": op, "error": {"code": code, "message": message}, **extra}

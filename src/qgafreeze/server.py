@@ -1,0 +1,207 @@
+"""The daemon's socket: activation or bind, peer checks, framing, one thread per client.
+
+Each client gets its own thread so that ``status`` and ``ping`` stay answerable while a freeze
+runs, and a client that stalls or disconnects can only hurt its own connection.  A cycle runs in
+the thread of the request that started it and finishes whether or not its client is still there.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from . import protocol
+from .errors import Forbidden, ProtocolError, QgafreezeError
+
+SD_LISTEN_FDS_START = 3
+MAX_CLIENTS = 64  # concurrent connections; more get an immediate "busy"
+REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+Send = Callable[[dict[str, Any]], None]
+
+
+class Handler(Protocol):
+    def __call__(self, request: dict[str, Any], peer: Peer, send: Send) -> dict[str, Any]: ...
+
+
+class Problems(Protocol):
+    def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
+
+
+def activated_listener() -> socket.socket | None:
+    """The socket systemd passed us (sd_listen_fds), or None when not socket-activated."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not inherited by anything we run
+    if count < 1:
+        return None
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def bind_listener(path: str) -> socket.socket:
+    """Bind the socket ourselves (no systemd socket unit): root-only directory and mode 0600."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise QgafreezeError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale, left by a daemon that died
+        else:
+            raise QgafreezeError(f"another qgafreeze daemon is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which the socket is open to others
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def notify(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, never blocking."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode("utf-8"), socket.MSG_DONTWAIT, address)
+    except OSError:
+        pass  # not fatal: systemd then judges us by the start timeout
+
+
+class Server:
+    def __init__(
+        self,
+        listener: socket.socket,
+        handler: Handler,
+        problems: Problems,
+        allowed_uids: frozenset[int] = frozenset({0}),
+    ) -> None:
+        self._listener = listener
+        self._handler = handler
+        self._problems = problems
+        self._allowed = allowed_uids
+        self._clients = 0
+        self._clients_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Called from signal handlers: make serve() return to its caller's loop."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Accept until ``should_stop()`` is true after a wake()."""
+        self._listener.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ, "accept")
+            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while not should_stop():
+                for key, _ in selector.select():
+                    if key.data == "wake":
+                        os.read(self._wake_r, 512)
+                    else:
+                        self._accept()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(True)
+        with self._clients_lock:
+            full = self._clients >= MAX_CLIENTS
+            if not full:
+                self._clients += 1
+        if full:
+            _send_quietly(conn, protocol.error_reply(None, "busy", "too many connections"))
+            conn.close()
+            return
+        threading.Thread(
+            target=self._serve_client, args=(conn,), name="client", daemon=True
+        ).start()
+
+    def _serve_client(self, conn: socket.socket) -> None:
+        op: str | None = None
+        try:
+            peer = peer_of(conn)
+            if peer.uid not in self._allowed:
+                self._problems.problem(
+                    f"refused a request from uid {peer.uid} (pid {peer.pid}): only root may ask"
+                )
+                raise Forbidden("permission denied: only root may talk to qgafreeze")
+            line = protocol.read_line(conn, time.monotonic() + protocol.REQUEST_TIMEOUT)
+            request = protocol.parse_request(line)
+            op = request["op"]
+            reply = self._handler(request, peer, lambda message: _send_quietly(conn, message))
+        except (ProtocolError, Forbidden) as exc:
+            reply = protocol.error_reply(op, exc.code, exc.message)
+        except QgafreezeError as exc:
+            reply = protocol.error_reply(op, exc.code, exc.message)
+        except Exception as exc:  # never let one request take the daemon down
+            self._problems.problem(
+                f"internal error serving {op}: {exc!r}", detail=traceback.format_exc()
+            )
+            reply = protocol.error_reply(op, "internal", f"internal error: {exc!r}")
+        finally:
+            with self._clients_lock:
+                self._clients -= 1
+        _send_quietly(conn, reply)
+        conn.close()
+
+
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.settimeout(REPLY_TIMEOUT)
+    conn.sendall(protocol.encode(message))
+
+
+def _send_quietly(conn: socket.socket, message: dict[str, Any]) -> None:
+    """The client may have gone (qemu-ga killed the shim): the cycle's result stands regardless."""
+    try:
+        _send(conn, message)
+    except OSError:
+        pass

@@ -1,0 +1,111 @@
+"""The fsfreeze hook that qemu-ga runs: ``fsfreeze-hook freeze|thaw``.  Standard library only.
+
+It asks the daemon over its socket, prints one line per app for qemu-ga and the administrator, and
+exits 0 on success, non-zero on failure: qemu-ga then fails the freeze and the backup service
+knows the snapshot would not be application-consistent.  It starts no child process, so nothing
+can keep qemu-ga's pipe open after it exits.  Every wait is bounded: the daemon announces how long
+a cycle may take at most, and the shim waits that long plus a margin, never for ever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+from . import protocol
+from .errors import ProtocolError, QgafreezeError, Unreachable
+
+CONNECT_TIMEOUT = 5.0
+# Time for the daemon to accept a request, including its start-up under socket activation.
+ACCEPT_TIMEOUT = 30.0
+REPLY_MARGIN = 5.0
+
+EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 3, 64
+
+
+def socket_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(protocol.SOCKET_ENV) or protocol.DEFAULT_SOCKET
+
+
+def request(
+    op: str, path: str, on_accepted: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Send one request and return the daemon's final reply.  Raises Unreachable, ProtocolError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise Unreachable(
+                f"cannot reach the qgafreeze daemon at {path}: {exc.strerror or exc}"
+                " (is it running? see: systemctl status qgafreeze.socket qgafreeze.service)"
+            ) from None
+        try:
+            sock.sendall(protocol.encode({"op": op}))
+        except OSError as exc:
+            raise Unreachable(f"the daemon at {path} closed the connection: {exc}") from None
+        reply = protocol.parse_reply(protocol.read_line(sock, time.monotonic() + ACCEPT_TIMEOUT))
+        if reply.get("accepted"):
+            if on_accepted is not None:
+                on_accepted(reply)
+            limit = float(reply.get("timeout_ms", 0)) / 1000 + REPLY_MARGIN
+            reply = protocol.parse_reply(protocol.read_line(sock, time.monotonic() + limit))
+        return reply
+    finally:
+        sock.close()
+
+
+def summarize(reply: dict[str, Any], out: TextIO) -> None:
+    """One line for the cycle, then one per app: what qemu-ga's caller and the admin will read."""
+    op = reply.get("op") or "request"
+    if reply.get("ok"):
+        head = f"{op} ok"
+    else:
+        error = reply.get("error") or {}
+        head = f"{op} FAILED [{error.get('code', '?')}]: {error.get('message', 'no reason given')}"
+    details = []
+    if "duration_ms" in reply:
+        details.append(f"{reply['duration_ms']} ms")
+    if reply.get("cycle"):
+        details.append(f"cycle {reply['cycle']}")
+    if reply.get("state"):
+        details.append(f"state {reply['state']}")
+    print(f"qgafreeze: {head}" + (f" ({', '.join(details)})" if details else ""), file=out)
+    if reply.get("note"):
+        print(f"qgafreeze: {reply['note']}", file=out)
+    for app in list(reply.get("apps") or []) + list(reply.get("rollback") or []):
+        line = f"qgafreeze:   {app.get('app')}: {app.get('phase')} {app.get('result')}"
+        line += f" in {app.get('duration_ms')} ms"
+        if app.get("message"):
+            line += f": {app['message']}"
+        print(line, file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in protocol.OPS:
+        print(f"usage: fsfreeze-hook {{{'|'.join(protocol.OPS)}}}", file=sys.stderr)
+        return EXIT_USAGE
+    op = args[0]
+    try:
+        reply = request(op, socket_path())
+    except Unreachable as exc:
+        print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
+        return EXIT_UNREACHABLE
+    except ProtocolError as exc:
+        print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
+        return EXIT_FAILED
+    except QgafreezeError as exc:  # pragma: no cover - every client error is one of the above
+        print(f"qgafreeze: {op} FAILED: {exc.message}", file=sys.stdout)
+        return EXIT_FAILED
+    summarize(reply, sys.stdout)
+    sys.stdout.flush()
+    return EXIT_OK if reply.get("ok") else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The systemd manager over the system bus.  The only module that imports pydbus or gi.
+
+Jobs are asynchronous in systemd: StopUnit/StartUnit return a job object at once and the outcome
+arrives later as a ``JobRemoved`` signal.  We keep a private bus connection (so our ``Subscribe``
+is ours alone; pydbus' ``SystemBus()`` is shared), a GLib main loop in one thread that records
+every JobRemoved, and callers that wait on a condition variable for their jobs, bounded by their
+own deadline, never by the D-Bus call timeout alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import pydbus
+from gi.repository import Gio, GLib
+
+from .errors import ActionTimeout, BusError, UnitError, UnitNotFound
+from .units import UnitState
+
+BUS_NAME = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+
+JOB_MODE = "replace"  # a start replaces a pending stop of the same unit, which rollback relies on
+_REMEMBERED_JOBS = 4096  # JobRemoved results kept for waiters that have not asked yet
+
+_NOT_FOUND_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed"}
+
+
+class SystemdManager:
+    """``units.UnitManager`` over D-Bus; errors are qgafreeze errors, never GLib.Error."""
+
+    def __init__(self, address: str | None = None, connect_timeout: float = 10.0) -> None:
+        address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
+        try:
+            self._bus = pydbus.connect(address)
+        except GLib.Error as exc:
+            raise BusError(
+                f"cannot connect to the system bus at {address}: {exc.message}"
+            ) from None
+        self._con: Gio.DBusConnection = self._bus.con
+        self._jobs = threading.Condition()
+        self._finished: OrderedDict[str, str] = OrderedDict()
+        self._context = GLib.MainContext.new()
+        self._loop = GLib.MainLoop.new(self._context, False)
+        subscribed = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(subscribed,), name="qgafreeze-dbus", daemon=True
+        )
+        self._thread.start()
+        if not subscribed.wait(connect_timeout):
+            raise BusError("the D-Bus signal loop did not start")
+        # Without Subscribe, systemd does not emit JobRemoved to us.
+        self._call(MANAGER_PATH, MANAGER_IFACE, "Subscribe", None, None, _deadline(connect_timeout))
+
+    def _run_loop(self, subscribed: threading.Event) -> None:
+        # Signals are dispatched in the main context that is thread-default when subscribing.
+        self._context.push_thread_default()
+        self._bus.subscribe(
+            sender=BUS_NAME,
+            iface=MANAGER_IFACE,
+            signal="JobRemoved",
+            object=MANAGER_PATH,
+            signal_fired=self._on_job_removed,
+        )
+        subscribed.set()
+        self._loop.run()
+
+    def _on_job_removed(
+        self, sender: str, path: str, iface: str, signal: str, params: tuple[Any, ...]
+    ) -> None:
+        _job_id, job_path, _unit, result = params
+        with self._jobs:
+            self._finished[job_path] = result
+            while len(self._finished) > _REMEMBERED_JOBS:
+                self._finished.popitem(last=False)
+            self._jobs.notify_all()
+
+    def close(self) -> None:
+        self._loop.quit()
+        try:
+            self._con.close_sync(None)
+        except GLib.Error:
+            pass
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _call(
+        self,
+        path: str,
+        iface: str,
+        method: str,
+        args: GLib.Variant | None,
+        reply_type: str | None,
+        deadline: float,
+        unit: str | None = None,
+    ) -> tuple[Any, ...]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ActionTimeout(f"{unit or method}: deadline passed before {method} was sent")
+        try:
+            reply = self._con.call_sync(
+                BUS_NAME,
+                path,
+                iface,
+                method,
+                args,
+                GLib.VariantType.new(reply_type) if reply_type else None,
+                Gio.DBusCallFlags.NONE,
+                max(1, int(remaining * 1000)),
+                None,
+            )
+        except GLib.Error as exc:
+            raise _translate(exc, method, unit) from None
+        return tuple(reply.unpack()) if reply is not None else ()
+
+    def unit_state(self, unit: str, deadline: float) -> UnitState:
+        # LoadUnit, not GetUnit: GetUnit fails for a unit that exists but is not loaded right now.
+        (path,) = self._call(
+            MANAGER_PATH,
+            MANAGER_IFACE,
+            "LoadUnit",
+            GLib.Variant("(s)", (unit,)),
+            "(o)",
+            deadline,
+            unit,
+        )
+        (props,) = self._call(
+            path,
+            PROPERTIES_IFACE,
+            "GetAll",
+            GLib.Variant("(s)", (UNIT_IFACE,)),
+            "(a{sv})",
+            deadline,
+            unit,
+        )
+        state = UnitState(
+            name=unit,
+            load_state=str(props.get("LoadState", "")),
+            active_state=str(props.get("ActiveState", "")),
+            sub_state=str(props.get("SubState", "")),
+            triggered_by=tuple(props.get("TriggeredBy", ())),
+        )
+        if state.load_state == "not-found":
+            raise UnitNotFound(f"{unit}: no such unit")
+        return state
+
+    def stop(self, units: Sequence[str], deadline: float) -> None:
+        self._run_jobs("StopUnit", "stop", units, deadline)
+
+    def start(self, units: Sequence[str], deadline: float) -> None:
+        self._run_jobs("StartUnit", "start", units, deadline)
+
+    def _run_jobs(self, method: str, verb: str, units: Sequence[str], deadline: float) -> None:
+        """Queue one job per unit (so they run side by side), then wait for all of them."""
+        jobs: dict[str, str] = {}
+        failures: list[str] = []
+        for unit in units:
+            try:
+                (job,) = self._call(
+                    MANAGER_PATH,
+                    MANAGER_IFACE,
+                    method,
+                    GLib.Variant("(ss)", (unit, JOB_MODE)),
+                    "(o)",
+                    deadline,
+                    unit,
+                )
+            except UnitError as exc:
+                failures.append(str(exc))
+                continue
+            jobs[job] = unit
+        results = self._wait(jobs, deadline, verb)
+        for job, unit in jobs.items():
+            if results[job] != "done":
+                failures.append(f"{unit}: {verb} job finished with result '{results[job]}'")
+        if failures:
+            raise UnitError("; ".join(failures))
+
+    def _wait(self, jobs: dict[str, str], deadline: float, verb: str) -> dict[str, str]:
+        results: dict[str, str] = {}
+        with self._jobs:
+            while True:
+                for job in jobs:
+                    if job not in results and job in self._finished:
+                        results[job] = self._finished.pop(job)
+                if len(results) == len(jobs):
+                    return results
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pending = ", ".join(u for j, u in jobs.items() if j not in results)
+                    raise ActionTimeout(f"{pending}: {verb} did not finish in time")
+                self._jobs.wait(remaining)
+
+
+def _deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def _translate(exc: GLib.Error, method: str, unit: str | None) -> Exception:
+    name = Gio.DBusError.get_remote_error(exc) or ""
+    if name:
+        Gio.DBusError.strip_remote_error(exc)
+    what = unit or method
+    if name in _NOT_FOUND_ERRORS:
+        return UnitNotFound(f"{what}: {exc.message}")
+    if exc.matches(Gio.io_error_quark(), Gio.IOErrorEnum.TIMED_OUT) or name.endswith(".NoReply"):
+        return ActionTimeout(f"{what}: systemd did not answer {method} in time")
+    if exc.matches(Gio.io_error_quark(), Gio.IOErrorEnum.CLOSED) or name.endswith(".Disconnected"):
+        return BusError(f"{what}: the system bus connection is closed")
+    if name.startswith("org.freedesktop.systemd1.") or name.startswith(
+        "org.freedesktop.DBus.Error"
+    ):
+        return UnitError(f"{what}: {method} refused: {exc.message}")
+    return BusError(f"{what}: {method} failed: {exc.message}")

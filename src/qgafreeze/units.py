@@ -1,0 +1,35 @@
+"""What the rest of qgafreeze knows about systemd units: plain data and a protocol.
+
+systemd.py implements ``UnitManager`` over D-Bus; unit tests implement it in memory.  Keeping the
+protocol here lets actions and the engine be tested without a bus or GLib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    load_state: str  # loaded, not-found, masked, error, ...
+    active_state: str  # active, inactive, failed, activating, deactivating, reloading
+    sub_state: str
+    triggered_by: tuple[str, ...] = ()  # sockets, paths and timers that can start this unit
+
+    @property
+    def is_running(self) -> bool:
+        """Whether stopping would change anything: every state but stopped counts as running."""
+        return self.active_state not in ("inactive", "failed")
+
+
+class UnitManager(Protocol):
+    """Blocking calls bounded by ``deadline`` (time.monotonic()); failures are QgafreezeErrors."""
+
+    def unit_state(self, unit: str, deadline: float) -> UnitState: ...
+
+    def stop(self, units: Sequence[str], deadline: float) -> None: ...
+
+    def start(self, units: Sequence[str], deadline: float) -> None: ...

@@ -1,0 +1,242 @@
+"""`make install` / `make uninstall` into a DESTDIR: the tree they leave, and nothing beyond it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LIB = "usr/lib/qgafreeze"
+PACKAGE = f"{LIB}/qgafreeze"
+CLI = "usr/bin/qgafreeze"
+SHIM = "usr/libexec/qgafreeze/fsfreeze-hook"
+UNITS = ("etc/systemd/system/qgafreeze.service", "etc/systemd/system/qgafreeze.socket")
+CONFIG = "etc/qgafreeze.yaml"
+DOCS = "usr/share/doc/qgafreeze"
+
+# Where an install without DESTDIR would write: none of it may change here.
+HOST_PATHS = (
+    "/usr/lib/qgafreeze",
+    "/usr/libexec/qgafreeze",
+    "/usr/bin/qgafreeze",
+    "/usr/local/lib/qgafreeze",
+    "/usr/local/bin/qgafreeze",
+    "/etc/qgafreeze.yaml",
+    "/etc/systemd/system/qgafreeze.service",
+    "/etc/systemd/system/qgafreeze.socket",
+    "/etc/systemd/system/sockets.target.wants/qgafreeze.socket",
+    "/etc/qemu/qemu-ga.conf",
+    "/etc/sysconfig/qemu-ga",
+    "/usr/share/doc/qgafreeze",
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+
+
+def make(target: str, destdir: Path, prefix: str = "/usr") -> subprocess.CompletedProcess[str]:
+    # Variables inherited from an outer `make test` (or a shell) would change what is tested.
+    inherited = {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "DESTDIR", "PREFIX"}
+    inherited |= {"PYTHON", "SYSCONFDIR", "UNITDIR"}
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            target,
+            f"DESTDIR={destdir}",
+            f"PREFIX={prefix}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"make {target} failed:\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
+
+
+def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
+    """Every file and directory under ``paths``, with what would show a change."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    for top in paths:
+        if not os.path.lexists(top):
+            continue
+        for current in [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else [])]:
+            if "__pycache__" in current.parts:
+                continue
+            st = current.lstat()
+            seen[str(current)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def modules() -> list[str]:
+    return sorted(p.name for p in (REPO / "src/qgafreeze").glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    destdir = tmp_path_factory.mktemp("destdir")
+    # The host paths, and the parts of the source tree that install reads.
+    watched = [Path(p) for p in HOST_PATHS]
+    watched += [REPO / name for name in ("src", "systemd", "config", "docs", "Makefile")]
+    before = snapshot(watched)
+    result = make("install", destdir)
+    assert snapshot(watched) == before, "make install with DESTDIR changed files outside DESTDIR"
+    return destdir, result.stdout + result.stderr
+
+
+def test_install_copies_every_module_readable_by_all(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    package = destdir / PACKAGE
+    assert sorted(p.name for p in package.glob("*.py")) == modules()
+    for name in modules():
+        assert (package / name).read_bytes() == (REPO / "src/qgafreeze" / name).read_bytes()
+        assert stat.S_IMODE((package / name).stat().st_mode) == 0o644
+
+
+def test_install_byte_compiles_with_the_final_paths(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    for name in modules():
+        stem = name[: -len(".py")]
+        compiled = list((destdir / PACKAGE / "__pycache__").glob(f"{stem}.*.pyc"))
+        assert compiled, f"no bytecode for {name}"
+        data = compiled[0].read_bytes()
+        # Tracebacks and coverage must name the installed file, not the staging tree.
+        assert f"/{PACKAGE}/{name}".encode() in data
+        assert str(destdir).encode() not in data
+
+
+@pytest.mark.parametrize(("wrapper", "module"), [(CLI, "cli"), (SHIM, "shim")])
+def test_wrappers_run_the_system_python_isolated_from_libdir(
+    installed: tuple[Path, str], wrapper: str, module: str
+) -> None:
+    destdir, _ = installed
+
+    path = destdir / wrapper
+    text = path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert text.splitlines()[0] == "#!/usr/bin/python3 -IB"
+    assert f'sys.path.insert(0, "/{LIB}")' in text
+    assert f"from qgafreeze.{module} import main" in text
+    assert "raise SystemExit(main())" in text
+    compile(text, str(path), "exec")
+
+
+@pytest.mark.parametrize("wrapper", [CLI, SHIM])
+def test_installed_wrappers_start_without_a_traceback(
+    installed: tuple[Path, str], wrapper: str, tmp_path: Path
+) -> None:
+    destdir, _ = installed
+    # The wrapper as installed, pointed at the DESTDIR copy of the library.
+    relocated = tmp_path / "wrapper"
+    relocated.write_text((destdir / wrapper).read_text().replace(f'"/{LIB}"', f'"{destdir / LIB}"'))
+    before = files_under(destdir)
+
+    result = subprocess.run(
+        ["/usr/bin/python3", "-IB", str(relocated), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "broken installation" not in result.stderr
+    # -B: nothing is written next to the installed modules when they are imported.
+    assert files_under(destdir) == before
+
+
+def test_units_name_the_installed_bindir(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    for unit in UNITS:
+        source = (REPO / "systemd" / Path(unit).name).read_text()
+        text = (destdir / unit).read_text()
+        assert "@BINDIR@" not in text
+        assert text == source.replace("@BINDIR@", "/usr/bin")
+        assert stat.S_IMODE((destdir / unit).stat().st_mode) == 0o644
+
+
+def test_config_is_installed_readable_by_root_only(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    config = destdir / CONFIG
+    assert config.read_bytes() == (REPO / "config/qgafreeze.yaml").read_bytes()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+def test_docs_are_installed(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    expected = sorted(p.name for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
+    assert sorted(p.name for p in (destdir / DOCS).glob("*")) == expected
+
+
+def test_install_with_destdir_does_not_configure_the_host(installed: tuple[Path, str]) -> None:
+    _, output = installed
+
+    assert "systemctl" not in output
+    assert not list(installed[0].glob("etc/qemu*"))
+
+
+def test_second_install_keeps_an_edited_config(tmp_path: Path) -> None:
+    make("install", tmp_path)
+    config = tmp_path / CONFIG
+    config.write_text("# edited by the administrator\n")
+
+    result = make("install", tmp_path)
+
+    assert config.read_text() == "# edited by the administrator\n"
+    assert "kept the existing" in result.stdout
+
+
+def test_reinstall_drops_modules_that_left_the_source_tree(tmp_path: Path) -> None:
+    make("install", tmp_path)
+    (tmp_path / PACKAGE / "gone.py").write_text("")
+
+    make("install", tmp_path)
+
+    assert not (tmp_path / PACKAGE / "gone.py").exists()
+    assert sorted(p.name for p in (tmp_path / PACKAGE).glob("*.py")) == modules()
+    assert not (tmp_path / f"{PACKAGE}.new").exists()
+    assert not (tmp_path / f"{PACKAGE}.old").exists()
+
+
+def test_uninstall_removes_everything_but_the_config(tmp_path: Path) -> None:
+    make("install", tmp_path)
+
+    result = make("uninstall", tmp_path)
+
+    assert files_under(tmp_path) == [CONFIG]
+    assert f"kept {tmp_path}/{CONFIG}" in result.stdout
+    assert not (tmp_path / LIB).exists()
+    assert not (tmp_path / DOCS).exists()
+
+
+def test_prefix_reaches_wrappers_and_units(tmp_path: Path) -> None:
+    make("install", tmp_path, prefix="/usr/local")
+
+    wrapper = (tmp_path / "usr/local/bin/qgafreeze").read_text()
+    assert 'sys.path.insert(0, "/usr/local/lib/qgafreeze")' in wrapper
+    assert (tmp_path / "usr/local/libexec/qgafreeze/fsfreeze-hook").is_file()
+    for unit in UNITS:
+        assert "@BINDIR@" not in (tmp_path / unit).read_text()
+    source = (REPO / "systemd/qgafreeze.service").read_text()
+    if "@BINDIR@" in source:
+        assert "/usr/local/bin/" in (tmp_path / UNITS[0]).read_text()
