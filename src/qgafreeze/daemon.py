@@ -80,6 +80,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._started = started
+        self._ready_ms = -1
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class Daemon:
                 "pid": os.getpid(),
                 "config": self._config_path,
                 "uptime_s": round(time.monotonic() - self._started, 1),
+                "ready_after_exec_ms": self._ready_ms,
                 "log_records_dropped": self._log.dropped,
                 "hook_log_error": self._log.hook_log_error or None,
                 "imports_during_cycles": self._guard.count,
@@ -176,15 +178,27 @@ class Daemon:
         ):
             signal.signal(signum, _waking(handler, server))
         notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+        self._ready_ms = process_age_ms()
         self._log.daemon_event(
             f"qgafreeze {__version__} ready: {len(self.engine.config.apps)} app(s) from"
-            f" {self._config_path}, ready in {round((time.monotonic() - self._started) * 1000)} ms"
+            f" {self._config_path}, {self._ready_ms} ms after exec"
         )
         while True:
             server.serve(lambda: self._stop or self._reload)
             if self._stop:
                 return self.shutdown()
             self.reload()
+
+
+def process_age_ms() -> int:
+    """Milliseconds since this process was exec'd, interpreter start-up included."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime
+        return round((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000)
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _waking(handler: Any, server: Server) -> Any:

@@ -52,7 +52,7 @@ def _phase(name: str, apps: tuple[str, ...], waits: dict[str, tuple[str, ...]]) 
     steps = tuple(tuple(a for a in order if level[a] == i) for i in range(depth))
     return PhasePlan(
         name=name,
-        order=tuple(order),
+        order=tuple(a for step in steps for a in step),  # by step, then file order
         waits_for=tuple((app, waits[app]) for app in apps),
         steps=steps,
     )

@@ -32,28 +32,36 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
 
 
-def read_line(sock: socket.socket, deadline: float, limit: int = MAX_LINE) -> bytes:
-    """One newline-terminated line, or ProtocolError on timeout, EOF, or a line over ``limit``."""
-    buf = bytearray()
-    while True:
-        newline = buf.find(b"\n")
-        if newline >= 0:
-            return bytes(buf[:newline])
-        if len(buf) > limit:
-            raise ProtocolError(f"line longer than {limit} bytes")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProtocolError("timed out waiting for a complete line")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(4096)
-        except socket.timeout:
-            raise ProtocolError("timed out waiting for a complete line") from None
-        except OSError as exc:
-            raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
-        if not chunk:
-            raise ProtocolError("connection closed before a complete line")
-        buf += chunk
+class LineReader:
+    """Reads newline-terminated lines from a stream socket, keeping what follows a line."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+
+    def read_line(self, deadline: float, limit: int = MAX_LINE) -> bytes:
+        """One line, or ProtocolError on timeout, EOF, or a line over ``limit`` bytes."""
+        while True:
+            newline = self._buf.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buf[:newline])
+                del self._buf[: newline + 1]
+                return line
+            if len(self._buf) > limit:
+                raise ProtocolError(f"line longer than {limit} bytes")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("timed out waiting for a complete line")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except socket.timeout:
+                raise ProtocolError("timed out waiting for a complete line") from None
+            except OSError as exc:
+                raise ProtocolError(f"connection failed: {exc.strerror or exc}") from None
+            if not chunk:
+                raise ProtocolError("connection closed before a complete line")
+            self._buf += chunk
 
 
 def parse_request(line: bytes) -> dict[str, Any]:

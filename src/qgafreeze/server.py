@@ -116,11 +116,13 @@ class Server:
         handler: Handler,
         problems: Problems,
         allowed_uids: frozenset[int] = frozenset({0}),
+        request_timeout: float = protocol.REQUEST_TIMEOUT,
     ) -> None:
         self._listener = listener
         self._handler = handler
         self._problems = problems
         self._allowed = allowed_uids
+        self._request_timeout = request_timeout
         self._clients = 0
         self._clients_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -174,7 +176,7 @@ class Server:
                     f"refused a request from uid {peer.uid} (pid {peer.pid}): only root may ask"
                 )
                 raise Forbidden("permission denied: only root may talk to qgafreeze")
-            line = protocol.read_line(conn, time.monotonic() + protocol.REQUEST_TIMEOUT)
+            line = protocol.LineReader(conn).read_line(time.monotonic() + self._request_timeout)
             request = protocol.parse_request(line)
             op = request["op"]
             reply = self._handler(request, peer, lambda message: _send_quietly(conn, message))

@@ -31,7 +31,10 @@ def socket_path(explicit: str | None = None) -> str:
 
 
 def request(
-    op: str, path: str, on_accepted: Callable[[dict[str, Any]], None] | None = None
+    op: str,
+    path: str,
+    on_accepted: Callable[[dict[str, Any]], None] | None = None,
+    margin: float = REPLY_MARGIN,
 ) -> dict[str, Any]:
     """Send one request and return the daemon's final reply.  Raises Unreachable, ProtocolError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -48,12 +51,13 @@ def request(
             sock.sendall(protocol.encode({"op": op}))
         except OSError as exc:
             raise Unreachable(f"the daemon at {path} closed the connection: {exc}") from None
-        reply = protocol.parse_reply(protocol.read_line(sock, time.monotonic() + ACCEPT_TIMEOUT))
+        reader = protocol.LineReader(sock)
+        reply = protocol.parse_reply(reader.read_line(time.monotonic() + ACCEPT_TIMEOUT))
         if reply.get("accepted"):
             if on_accepted is not None:
                 on_accepted(reply)
-            limit = float(reply.get("timeout_ms", 0)) / 1000 + REPLY_MARGIN
-            reply = protocol.parse_reply(protocol.read_line(sock, time.monotonic() + limit))
+            limit = float(reply.get("timeout_ms", 0)) / 1000 + margin
+            reply = protocol.parse_reply(reader.read_line(time.monotonic() + limit))
         return reply
     finally:
         sock.close()

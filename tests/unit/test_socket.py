@@ -1,0 +1,283 @@
+"""The daemon's socket and the shim, over a real unix socket, with a scripted request handler."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qgafreeze import shim
+from qgafreeze.errors import ProtocolError, Unreachable
+from qgafreeze.server import Peer, Send, Server, bind_listener
+
+
+class ScriptedHandler:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.release.set()
+        self.in_cycle = threading.Event()
+        self.done: list[str] = []
+        self.reply_ok = True
+        self.announce_ms = 1000
+
+    def __call__(self, request: dict[str, Any], peer: Peer, send: Send) -> dict[str, Any]:
+        op = request["op"]
+        if op in ("freeze", "thaw"):
+            send({"accepted": True, "op": op, "timeout_ms": self.announce_ms})
+            self.in_cycle.set()
+            self.release.wait(10)
+            self.done.append(op)
+            if not self.reply_ok:
+                return {"ok": False, "op": op, "error": {"code": "freeze-failed", "message": "x"}}
+            return {"ok": True, "op": op, "state": "frozen", "apps": [{"app": "a", "result": "ok"}]}
+        return {"ok": True, "op": op, "state": "thawed", "uid": peer.uid}
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def problem(self, message: str, cycle: str = "", detail: str = "") -> None:
+        self.messages.append(message)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[str, ScriptedHandler, Problems]]:
+    # Not under tmp_path: pytest makes that 0700, and two tests connect as another user.
+    base = tempfile.mkdtemp(prefix="qgft-sock-")
+    os.chmod(base, 0o755)
+    path = os.path.join(base, "run", "q.sock")
+    handler, problems = ScriptedHandler(), Problems()
+    server = Server(bind_listener(path), handler, problems, request_timeout=0.3)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set,), daemon=True)
+    thread.start()
+    yield path, handler, problems
+    handler.release.set()
+    stop.set()
+    server.wake()
+    thread.join(5)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def raw_exchange(path: str, payload: bytes, read_timeout: float = 5) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.settimeout(read_timeout)
+        try:
+            sock.sendall(payload)
+        except OSError:
+            pass  # the server may already have answered and closed
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data.splitlines()[-1])
+
+
+def test_socket_is_created_root_only(served):
+    path, _, _ = served
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(os.path.dirname(path)).st_mode & 0o777) == "0o700"
+
+
+def test_ping_round_trip(served):
+    path, _, _ = served
+    assert shim.request("ping", path)["ok"] is True
+
+
+def test_freeze_announces_its_budget_then_replies(served):
+    path, _, _ = served
+    announced = []
+    reply = shim.request("freeze", path, on_accepted=announced.append)
+    assert announced == [{"accepted": True, "op": "freeze", "timeout_ms": 1000}]
+    assert reply["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"not json\n", "not a JSON object"),
+        (b"[1, 2]\n", "not a JSON object"),
+        (b'{"op": "reboot"}\n', "unknown op 'reboot'"),
+        (b'{"op": "ping", "extra": 1}\n', "unknown request field(s): extra"),
+        (b"\xff\xfe\n", "not a JSON object"),
+    ],
+)
+def test_malformed_requests_get_a_clear_error(served, payload, message):
+    path, _, _ = served
+    reply = raw_exchange(path, payload)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "bad-request"
+    assert message in reply["error"]["message"]
+
+
+def test_oversized_request_is_refused(served):
+    path, _, _ = served
+    reply = raw_exchange(path, b"x" * (200 * 1024))
+    assert reply["error"]["code"] == "bad-request"
+    assert "longer than" in reply["error"]["message"]
+
+
+def test_client_that_sends_nothing_is_timed_out(served):
+    path, _, _ = served
+    reply = raw_exchange(path, b"")
+    assert reply["error"]["code"] == "bad-request"
+    assert "timed out" in reply["error"]["message"]
+
+
+def test_status_is_answered_while_a_cycle_runs(served):
+    path, handler, _ = served
+    handler.release.clear()
+    worker = threading.Thread(target=shim.request, args=("freeze", path))
+    worker.start()
+    assert handler.in_cycle.wait(5)
+    assert shim.request("status", path)["state"] == "thawed"  # the scripted reply
+    handler.release.set()
+    worker.join(5)
+
+
+def test_client_that_disconnects_mid_cycle_does_not_stop_the_cycle(served):
+    path, handler, _ = served
+    handler.release.clear()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(b'{"op": "freeze"}\n')
+        assert handler.in_cycle.wait(5)
+    handler.release.set()
+    deadline = time.monotonic() + 5
+    while not handler.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handler.done == ["freeze"]
+    assert shim.request("ping", path)["ok"] is True
+
+
+def _connect_as_nobody(path: str) -> str:
+    """Connect from a child process running as uid 65534; return what it saw."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                outcome = json.dumps(shim.request("ping", path))
+            except Unreachable as exc:
+                outcome = "unreachable: " + exc.message
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        seen = reader.read()
+    os.waitpid(pid, 0)
+    return seen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_non_root_cannot_open_the_socket(served):
+    path, _, _ = served
+    os.chmod(os.path.dirname(path), 0o755)  # let it reach the socket file itself
+    assert "Permission denied" in _connect_as_nobody(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_non_root_peer_is_refused_even_when_the_socket_is_open(served):
+    path, _, problems = served
+    os.chmod(os.path.dirname(path), 0o755)
+    os.chmod(path, 0o666)  # a misconfigured socket: the credential check must still refuse
+    reply = json.loads(_connect_as_nobody(path))
+    assert reply["error"]["code"] == "forbidden"
+    assert any("uid 65534" in m for m in problems.messages)
+
+
+def test_second_daemon_refuses_to_steal_a_live_socket(served):
+    path, _, _ = served
+    with pytest.raises(Exception, match="already listening"):
+        bind_listener(path)
+
+
+def test_stale_socket_file_is_replaced(tmp_path):
+    path = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    bind_listener(path).close()
+
+
+# -- the shim as qemu-ga runs it ---------------------------------------------------------------
+
+
+@pytest.fixture
+def run_shim(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    def run(path: str, *args: str) -> tuple[int, str]:
+        monkeypatch.setenv("QGAFREEZE_SOCKET", path)
+        code = shim.main(list(args))
+        return code, capsys.readouterr().out
+
+    return run
+
+
+def test_shim_exits_zero_and_prints_each_app_on_success(served, run_shim):
+    path, _, _ = served
+    code, out = run_shim(path, "freeze")
+    assert code == 0
+    assert "qgafreeze: freeze ok" in out
+    assert "qgafreeze:   a:" in out
+
+
+def test_shim_exits_non_zero_when_the_daemon_reports_failure(served, run_shim):
+    path, handler, _ = served
+    handler.reply_ok = False
+    code, out = run_shim(path, "freeze")
+    assert code == 1
+    assert "freeze FAILED [freeze-failed]" in out
+
+
+def test_shim_says_clearly_when_the_daemon_is_unreachable(tmp_path, run_shim):
+    code, out = run_shim(str(tmp_path / "absent.sock"), "freeze")
+    assert code == shim.EXIT_UNREACHABLE
+    assert "cannot reach the qgafreeze daemon" in out
+    assert "systemctl status qgafreeze.socket" in out
+
+
+def test_shim_rejects_unknown_arguments(run_shim, tmp_path):
+    code, _ = run_shim(str(tmp_path / "x"), "unfreeze")
+    assert code == shim.EXIT_USAGE
+
+
+def test_shim_waits_no_longer_than_the_daemon_announced(served):
+    path, handler, _ = served
+    handler.release.clear()
+    handler.announce_ms = 100
+    with pytest.raises(ProtocolError, match="timed out"):
+        shim.request("freeze", path, margin=0.1)
+
+
+def test_shim_imports_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import qgafreeze.shim; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'gi', 'pydbus', 'systemd'));"
+        "print(','.join(bad))"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": src}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
