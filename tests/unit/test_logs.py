@@ -1,4 +1,4 @@
-"""The hook log lines administrators grep, journald fields, and logging that never blocks a cycle."""
+"""The hook log lines administrators grep, journald fields, and logging that never blocks."""
 
 from __future__ import annotations
 

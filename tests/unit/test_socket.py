@@ -272,7 +272,8 @@ def test_shim_imports_only_the_standard_library():
 
     code = (
         "import sys; import qgafreeze.shim; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'gi', 'pydbus', 'systemd'));"
+        "bad = sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('yaml', 'gi', 'pydbus', 'systemd'));"
         "print(','.join(bad))"
     )
     src = str(Path(__file__).resolve().parents[2] / "src")
