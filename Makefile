@@ -175,9 +175,14 @@ install:
 	if [ -e "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml" ]; then \
 		echo "kept the existing $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
 	else \
-		install -m 0600 config/qgafreeze.yaml "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
-		echo "installed $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml (mode 0600)"; \
+		umask 077; \
+		sed -e '/^apps:/,$$ s/^/# /' \
+			-e '/^# apps:/i apps: {}  # nothing is quiesced until you declare apps (examples below)' \
+			config/qgafreeze.yaml > "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
+		chmod 0600 "$(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml"; \
+		echo "installed $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml (mode 0600, no apps yet)"; \
 	fi; \
+	install -m 0644 config/qgafreeze.yaml "$(DESTDIR)$(DOCDIR)/qgafreeze.yaml.example"; \
 	for f in README.md docs/*.md; do \
 		if [ -f "$$f" ]; then install -m 0644 "$$f" "$(DESTDIR)$(DOCDIR)/"; fi; \
 	done
@@ -193,8 +198,13 @@ install:
 	systemctl daemon-reload; \
 	systemctl enable --now qgafreeze.socket; \
 	systemctl try-restart qgafreeze.service; \
-	systemctl try-restart qemu-guest-agent.service; \
-	echo "qgafreeze.socket is enabled; qemu-ga now runs $(HOOK)"
+	if systemctl cat qemu-guest-agent.service >/dev/null 2>&1; then \
+		systemctl try-restart qemu-guest-agent.service; \
+		echo "qgafreeze.socket is enabled; qemu-ga now runs $(HOOK)"; \
+	else \
+		echo "qgafreeze.socket is enabled; qemu-guest-agent is not installed yet:" \
+			"once it is, it will run $(HOOK)"; \
+	fi
 
 uninstall:
 	@set -e; \

@@ -41,8 +41,10 @@ class UnitsAction:
     """Stop units on freeze; start on thaw only those that were running before the freeze.
 
     Units that can start a service behind our back (its socket, path or timer units: Debian
-    enables ``mariadb.socket``) are stopped first and started last, or the first client to connect
-    during the frozen window would restart the database on a frozen disk.
+    enables ``mariadb.socket``) are stopped first, or the first client to connect during the
+    frozen window would restart the database on a frozen disk.  On thaw they are started first
+    too: systemd refuses to start a socket whose service is already running, and a service
+    started after its socket receives the socket's file descriptors, as at boot.
     """
 
     def __init__(self, app: App, manager: UnitManager) -> None:
@@ -90,11 +92,10 @@ class UnitsAction:
         if not ctx.restore:
             ctx.output.append("nothing was stopped by the freeze; nothing to start")
             return
-        # Services before the sockets that trigger them, the reverse of the freeze.
         services = [u for u in reversed(ctx.restore) if u in self._units]
         triggers = [u for u in reversed(ctx.restore) if u not in self._units]
         failures: list[QgafreezeError] = []
-        for batch in (services, triggers):
+        for batch in (triggers, services):
             if not batch:
                 continue
             ctx.output.append(f"starting {', '.join(batch)}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from qgafreeze.config import parse_text
+
 REPO = Path(__file__).resolve().parents[2]
 LIB = "usr/lib/qgafreeze"
 PACKAGE = f"{LIB}/qgafreeze"
@@ -177,14 +179,26 @@ def test_config_is_installed_readable_by_root_only(installed: tuple[Path, str]) 
     destdir, _ = installed
 
     config = destdir / CONFIG
-    assert config.read_bytes() == (REPO / "config/qgafreeze.yaml").read_bytes()
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+def test_fresh_config_declares_no_apps_so_backups_keep_working(installed: tuple[Path, str]) -> None:
+    # The example's apps name units most machines do not have: installing them as they are
+    # would fail every freeze until the administrator edits the file.
+    destdir, _ = installed
+    text = (destdir / CONFIG).read_text()
+    config = parse_text(text)
+    assert config.apps == ()
+    assert "#   mariadb:" in text  # the examples stay, commented out
+    example = destdir / DOCS / "qgafreeze.yaml.example"
+    assert example.read_bytes() == (REPO / "config/qgafreeze.yaml").read_bytes()
 
 
 def test_docs_are_installed(installed: tuple[Path, str]) -> None:
     destdir, _ = installed
 
     expected = sorted(p.name for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
+    expected = sorted([*expected, "qgafreeze.yaml.example"])
     assert sorted(p.name for p in (destdir / DOCS).glob("*")) == expected
 
 

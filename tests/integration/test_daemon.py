@@ -1,0 +1,336 @@
+"""The whole path, for real: make install, socket activation, the shim as qemu-ga runs it, the
+daemon stopping and starting real units through systemd over the system bus, journald and the
+hook log read back.  Runs in a container with systemd as PID 1 (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+from container import Container
+
+PREFIX = "/opt/qgafreeze"  # /usr is the host's, read-only, inside the container
+HOOK = f"{PREFIX}/libexec/qgafreeze/fsfreeze-hook"
+CLI = f"{PREFIX}/bin/qgafreeze"
+HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
+DATE = r"\w{3} \w{3} [ \d]\d [\d:]{8} \S+ \d{4}"  # as date(1) prints it
+
+# A service that takes a while to stop, like a database flushing its buffers, and notes when
+# each stop and start begins and ends (systemd's own timestamps read 0 in this container).
+SLOW_STOP = """[Unit]
+Description=qgafreeze test app {name}
+[Service]
+ExecStartPre=/bin/sh -c 'mkdir -p /run/qgft; date +%%s%%N > /run/qgft/%n.start-begin'
+ExecStart=/bin/sleep infinity
+ExecStartPost=/bin/sh -c 'date +%%s%%N > /run/qgft/%n.start-end'
+ExecStop=/bin/sh -c 'date +%%s%%N > /run/qgft/%n.stop-begin; sleep {stop}; \\
+  date +%%s%%N > /run/qgft/%n.stop-end'
+TimeoutStopSec=60
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(container: Container) -> Container:
+    result = container.run(f"make -C /src install PREFIX={PREFIX}", timeout=180)
+    assert "qgafreeze.socket is enabled" in result.stdout, result.stdout
+    return container
+
+
+def add_unit(container: Container, name: str, stop: float = 0.5, extra: str = "") -> None:
+    container.install_unit(name, SLOW_STOP.format(name=name, stop=stop, extra=extra))
+
+
+def configure(container: Container, yaml: str, start: tuple[str, ...] = ()) -> None:
+    """New config, a restarted daemon, the given units running, an empty hook log."""
+    container.write_file("/etc/qgafreeze.yaml", yaml, mode=0o600)
+    container.run(["systemctl", "restart", "qgafreeze.service"])
+    if start:
+        container.run(["systemctl", "start", *start])
+    container.run(["truncate", "-s0", HOOK_LOG], check=False)
+
+
+def hook(container: Container, op: str) -> tuple[int, str]:
+    result = container.run([HOOK, op], check=False, timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def cycle_of(output: str) -> str:
+    match = re.search(r"cycle ([0-9a-f]{12})", output)
+    assert match, output
+    return match.group(1)
+
+
+def active(container: Container, *units: str) -> list[str]:
+    out = container.run(["systemctl", "is-active", *units], check=False).stdout
+    return out.split()
+
+
+def timestamps(container: Container, unit: str) -> dict[str, int]:
+    """When the unit's last stop and start began and ended, in nanoseconds."""
+    marks = {}
+    for mark in ("stop-begin", "stop-end", "start-begin", "start-end"):
+        out = container.run(["cat", f"/run/qgft/{unit}.{mark}"], check=False).stdout.strip()
+        if out:
+            marks[mark] = int(out)
+    return marks
+
+
+def status(container: Container) -> dict:
+    return json.loads(container.run([CLI, "status", "--json"]).stdout)
+
+
+def hook_log(container: Container) -> str:
+    container.run([CLI, "status"])  # the daemon writes the log from a queue; let it drain
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        text = container.run(["cat", HOOK_LOG], check=False).stdout
+        if text.rstrip().endswith("finished with status=0") or "finished with status=1" in text:
+            break
+        time.sleep(0.1)
+    return text
+
+
+THREE_APPS = """
+version: 1
+settings: {freeze_timeout: 30s, thaw_timeout: 30s, max_frozen: 0}
+apps:
+  db: {units: [qgft-db]}
+  web: {units: [qgft-web], depends_on: [db]}
+  cache: {units: [qgft-cache]}
+"""
+THREE_UNITS = ("qgft-db.service", "qgft-web.service", "qgft-cache.service")
+
+
+@pytest.fixture
+def three_apps(installed: Container) -> Iterator[Container]:
+    for unit in THREE_UNITS:
+        add_unit(installed, unit)
+    configure(installed, THREE_APPS, start=THREE_UNITS)
+    yield installed
+    hook(installed, "thaw")  # whatever a failed test left paused
+
+
+def test_make_install_enables_the_socket_and_points_qemu_ga_at_the_hook(installed):
+    c = installed
+    assert c.run(["systemctl", "is-enabled", "qgafreeze.socket"]).stdout.strip() == "enabled"
+    assert active(c, "qgafreeze.socket") == ["active"]
+    assert c.run(["stat", "-c", "%a %U", "/run/qgafreeze/qgafreeze.sock"]).stdout.split() == [
+        "600",
+        "root",
+    ]
+    conf = c.run(["cat", "/etc/qemu/qemu-ga.conf"]).stdout
+    assert f"fsfreeze-hook={HOOK}" in conf
+    assert c.run([CLI, "check"]).returncode == 0  # the fresh config declares no apps
+
+
+def test_socket_activation_starts_the_daemon_which_reports_ready(installed):
+    c = installed
+    c.run(["systemctl", "stop", "qgafreeze.service"])
+    assert active(c, "qgafreeze.service") == ["inactive"]
+    code, out = hook(c, "ping")
+    assert code == 0, out
+    # Type=notify: "active" means the daemon sent READY=1.
+    assert active(c, "qgafreeze.service") == ["active"]
+    status_text = c.run(["systemctl", "show", "-p", "StatusText", "qgafreeze.service"]).stdout
+    assert "thawed" in status_text
+    assert status(c)["ready_after_exec_ms"] > 0
+
+
+def test_freeze_stops_in_dependency_order_with_independent_apps_overlapping(three_apps):
+    c = three_apps
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert active(c, *THREE_UNITS) == ["inactive"] * 3
+    db, web, cache = (timestamps(c, u) for u in THREE_UNITS)
+    # web uses db: web is fully stopped before db starts stopping.
+    assert web["stop-end"] <= db["stop-begin"]
+    # cache is independent: its stop overlaps web's (each began before the other ended).
+    assert cache["stop-begin"] < web["stop-end"]
+    assert web["stop-begin"] < cache["stop-end"]
+
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    db, web, cache = (timestamps(c, u) for u in THREE_UNITS)
+    # Thaw reverses it: db is running again before web starts.
+    assert db["start-end"] <= web["start-begin"]
+
+
+def test_unit_inactive_before_freeze_stays_inactive_after_thaw(three_apps):
+    c = three_apps
+    c.run(["systemctl", "stop", "qgft-cache.service"])
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+    assert active(c, *THREE_UNITS) == ["active", "active", "inactive"]
+    assert "qgft-cache.service: inactive before the freeze, left alone" in hook_log(c)
+
+
+def test_journald_and_the_hook_log_show_every_step(three_apps):
+    c = three_apps
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    cycle = cycle_of(out)
+    assert hook(c, "thaw")[0] == 0
+
+    records = []
+    deadline = time.monotonic() + 10
+    while len(records) < 8 and time.monotonic() < deadline:
+        records = c.journal(QGAFREEZE_CYCLE=cycle)
+    apps = {(r["QGAFREEZE_APP"], r["QGAFREEZE_PHASE"]): r for r in records if "QGAFREEZE_APP" in r}
+    assert set(apps) == {(a, p) for a in ("db", "web", "cache") for p in ("freeze", "thaw")}
+    for record in apps.values():
+        assert record["SYSLOG_IDENTIFIER"] == "qgafreeze"
+        assert record["QGAFREEZE_RESULT"] == "ok"
+        assert int(record["QGAFREEZE_DURATION_MS"]) >= 0
+        assert record["QGAFREEZE_UNIT"].startswith("qgft-")
+        assert len(record["MESSAGE_ID"]) == 32
+    assert apps[("db", "freeze")]["QGAFREEZE_UNIT"] == "qgft-db.service"
+    cycles = [r for r in records if "QGAFREEZE_APP" not in r]
+    assert sorted(r["QGAFREEZE_PHASE"] for r in cycles) == ["freeze", "thaw"]
+
+    log = hook_log(c)
+    for app in ("db", "web", "cache"):
+        for phase in ("freeze", "thaw"):
+            assert re.search(
+                rf"^{DATE}: execute qgafreeze:{app} {phase}$",
+                log,
+                re.M,
+            ), log
+        assert len(re.findall(rf": qgafreeze:{app} finished with status=0$", log, re.M)) == 2
+    assert "qgft-web.service: stopped" in log
+
+
+def test_unit_that_refuses_to_stop_rolls_back_and_the_hook_fails(three_apps):
+    c = three_apps
+    add_unit(c, "qgft-stubborn.service", extra="[Unit]\nRefuseManualStop=yes")
+    configure(
+        c,
+        THREE_APPS + "  stubborn: {units: [qgft-stubborn]}\n",
+        start=(*THREE_UNITS, "qgft-stubborn.service"),
+    )
+    code, out = hook(c, "freeze")
+    assert code == 1, out
+    assert "freeze FAILED" in out
+    assert "qgft-stubborn.service" in out
+    # Every app is running again, whatever the freeze had stopped before it failed.
+    assert active(c, *THREE_UNITS, "qgft-stubborn.service") == ["active"] * 4
+    assert status(c)["paused_apps"] == []
+    records = c.journal(QGAFREEZE_CYCLE=cycle_of(out))
+    assert any(
+        r.get("QGAFREEZE_APP") == "stubborn" and r["QGAFREEZE_RESULT"] == "failed" for r in records
+    )
+    assert "finished with status=1" in hook_log(c)
+
+
+def test_stop_that_outlasts_the_app_timeout_is_rolled_back(installed):
+    c = installed
+    add_unit(c, "qgft-slow.service", stop=3)
+    add_unit(c, "qgft-quick.service", stop=0.1)
+    configure(
+        c,
+        "version: 1\napps:\n  slow: {units: [qgft-slow], timeout: 1s}\n"
+        "  quick: {units: [qgft-quick]}\n",
+        start=("qgft-slow.service", "qgft-quick.service"),
+    )
+    code, out = hook(c, "freeze")
+    assert code == 1, out
+    assert "[timeout]" in out
+    # systemd runs the rollback's start as soon as the slow stop ends; it is not left down.
+    deadline = time.monotonic() + 20
+    while active(c, "qgft-slow.service") != ["active"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert active(c, "qgft-slow.service", "qgft-quick.service") == ["active", "active"]
+
+
+def test_socket_that_would_restart_the_service_is_stopped_while_frozen(installed):
+    c = installed
+    c.install_unit(
+        "qgft-sock.socket", "[Socket]\nListenStream=/run/qgft-sock.sock\n[Install]\nWantedBy=x\n"
+    )
+    add_unit(c, "qgft-sock.service", stop=0.1)
+    configure(c, "version: 1\napps:\n  sock: {units: [qgft-sock]}\n")
+    c.run(["systemctl", "start", "qgft-sock.socket", "qgft-sock.service"])
+    assert hook(c, "freeze")[0] == 0
+    assert active(c, "qgft-sock.socket", "qgft-sock.service") == ["inactive", "inactive"]
+    assert hook(c, "thaw")[0] == 0
+    assert active(c, "qgft-sock.socket", "qgft-sock.service") == ["active", "active"]
+
+
+def test_thaw_without_freeze_and_a_second_thaw_change_nothing(three_apps):
+    c = three_apps
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert "nothing to thaw" in out
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+    before = [timestamps(c, u) for u in THREE_UNITS]
+    assert hook(c, "thaw")[0] == 0
+    assert [timestamps(c, u) for u in THREE_UNITS] == before
+
+
+def test_freeze_while_frozen_is_refused_not_doubled(three_apps):
+    c = three_apps
+    assert hook(c, "freeze")[0] == 0
+    code, out = hook(c, "freeze")
+    assert code == 1
+    assert "already frozen" in out
+    assert hook(c, "thaw")[0] == 0
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+
+
+def test_stopping_the_daemon_while_frozen_resumes_every_app(three_apps):
+    c = three_apps
+    assert hook(c, "freeze")[0] == 0
+    c.run(["systemctl", "stop", "qgafreeze.service"])
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    shutdown = c.journal(SYSLOG_IDENTIFIER="qgafreeze", QGAFREEZE_REASON="shutdown")
+    assert shutdown and shutdown[-1]["QGAFREEZE_RESULT"] == "ok"
+
+
+def test_reload_applies_a_valid_config_and_keeps_the_last_good_one_otherwise(three_apps):
+    c = three_apps
+    pid = status(c)["pid"]
+
+    def reload_messages() -> list[str]:
+        records = c.journal(SYSLOG_IDENTIFIER="qgafreeze", _PID=str(pid))
+        return [r["MESSAGE"] for r in records if "reload" in r["MESSAGE"]]
+
+    def reload() -> str:
+        seen = len(reload_messages())
+        c.run(["systemctl", "reload", "qgafreeze.service"])  # SIGHUP; it does not wait
+        deadline = time.monotonic() + 10
+        while len(reload_messages()) == seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return reload_messages()[-1]
+
+    c.write_file("/etc/qgafreeze.yaml", "version: 1\napps:\n  db: {units: [qgft-db]}\n", 0o600)
+    assert reload().startswith("reloaded /etc/qgafreeze.yaml: 1 app(s)")
+    assert status(c)["apps"] == ["db"]
+
+    c.write_file("/etc/qgafreeze.yaml", "version: 1\napps:\n  db: {unitz: [qgft-db]}\n", 0o600)
+    message = reload()
+    assert message.startswith("reload refused, keeping the last good config")
+    assert "apps.db.unitz: unknown key" in message
+    assert status(c)["apps"] == ["db"]
+    assert status(c)["pid"] == pid
+
+
+def test_the_daemon_imports_nothing_while_a_cycle_runs(three_apps):
+    c = three_apps
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+    assert status(c)["imports_during_cycles"] == 0
+
+
+def test_non_root_cannot_reach_the_socket(installed):
+    result = installed.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", HOOK, "ping"], check=False
+    )
+    assert result.returncode == 3
+    assert "Permission denied" in result.stdout
