@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, protocol
 from .actions import build_actions
-from .config import Config, load_file
+from .config import Config, load_file, parse_config
 from .engine import ABANDON_GRACE, THAWED, CycleReport, Engine
 from .errors import Busy, ConfigError, QgafreezeError
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
@@ -71,6 +71,7 @@ class Daemon:
         manager: UnitManager,
         guard: ImportGuard,
         started: float,
+        config_error: ConfigError | None = None,
     ) -> None:
         self._config_path = config_path
         self.engine = engine
@@ -81,6 +82,9 @@ class Daemon:
         self._reload = False
         self._started = started
         self._ready_ms = -1
+        # Set when the config could not be used at start-up: we still serve, so that qemu-ga's
+        # hook gets this explanation at once instead of a socket that never answers.
+        self._config_error = config_error
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -102,9 +106,12 @@ class Daemon:
                 "log_records_dropped": self._log.dropped,
                 "hook_log_error": self._log.hook_log_error or None,
                 "imports_during_cycles": self._guard.count,
+                "config_error": str(self._config_error) if self._config_error else None,
             }
         if self._stop:
             raise Busy("the daemon is shutting down")
+        if op == "freeze" and self._config_error is not None:
+            raise self._config_error
         settings = engine.config.settings
         budget = settings.thaw_timeout + ABANDON_GRACE
         if op == "freeze":  # a failed freeze rolls back within the thaw budget
@@ -122,6 +129,8 @@ class Daemon:
     def _status_line(self) -> str:
         engine = self.engine
         paused = engine.paused_apps
+        if self._config_error is not None:
+            return f"config invalid ({len(self._config_error.problems)} error(s)): freezes refused"
         line = f"{engine.state}; {len(engine.config.apps)} app(s) configured"
         if paused:
             line += f"; paused: {', '.join(paused)}"
@@ -143,12 +152,15 @@ class Daemon:
             plan = build_plan(config)
             self.engine.reconfigure(config, plan, build_actions(config.apps, self._manager))
         except ConfigError as exc:
+            if self._config_error is not None:  # no good config to keep: report the new errors
+                self._config_error = exc
             self._log.daemon_event(
                 f"reload refused, keeping the last good config: {exc}", PRIORITY_ERR
             )
         except QgafreezeError as exc:
             self._log.daemon_event(f"reload refused: {exc.message}", PRIORITY_WARNING)
         else:
+            self._config_error = None
             self._log.set_hook_log(config.settings.hook_log)
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
         notify(f"READY=1\nSTATUS={self._status_line()}")
@@ -225,8 +237,17 @@ def run(config_path: str) -> int:
     sys.dont_write_bytecode = True  # never write .pyc files, least of all on a frozen disk
     guard = ImportGuard()
     sys.addaudithook(guard)
-    config: Config = load_file(config_path)
+    config_error: ConfigError | None = None
+    try:
+        config: Config = load_file(config_path)
+    except ConfigError as exc:
+        config_error = exc
+        config = parse_config({}, source=config_path)  # no apps; every freeze is refused
     log = LogWriter(config.settings.hook_log, default_journal_send())
+    if config_error is not None:
+        log.daemon_event(
+            f"refusing every freeze until the config is fixed: {config_error}", PRIORITY_ERR
+        )
     manager = SystemdManager()
     plan = build_plan(config)
     engine = Engine(config, plan, build_actions(config.apps, manager), log)
@@ -234,7 +255,7 @@ def run(config_path: str) -> int:
     listener = activated_listener()
     if listener is None:
         listener = bind_listener(config.settings.socket)
-    daemon = Daemon(config_path, engine, log, manager, guard, started)
+    daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     server = Server(listener, daemon, log)
     _warm_up(log)
     return daemon.run(server)

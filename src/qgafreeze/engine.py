@@ -92,8 +92,10 @@ class Engine:
         actions: Mapping[str, Action],
         events: EventSink,
         clock: Clock = time.monotonic,
+        abandon_grace: float = ABANDON_GRACE,
     ) -> None:
         self._config = config
+        self._abandon_grace = abandon_grace
         self._plan = plan
         self._actions = actions
         self._events = events
@@ -326,7 +328,8 @@ class Engine:
         waits = dict(phase.waits_for)
         pending = list(phase.order)
         done: dict[str, AppOutcome] = {}
-        running: dict[str, tuple[float, threading.Event]] = {}  # app -> (hard limit, cancel)
+        # app -> (when it started, hard limit past which it is abandoned, its cancel flag)
+        running: dict[str, tuple[float, float, threading.Event]] = {}
         finished: list[tuple[str, AppOutcome]] = []
         wake = threading.Condition()
         halted_by = ""
@@ -344,7 +347,7 @@ class Engine:
                     pending.remove(app)
                     deadline = min(now + self._config.app(app).timeout, phase_deadline)
                     cancel = threading.Event()
-                    running[app] = (deadline + ABANDON_GRACE, cancel)
+                    running[app] = (now, deadline + self._abandon_grace, cancel)
                     threading.Thread(
                         target=work,
                         args=(app, deadline, cancel),
@@ -365,7 +368,8 @@ class Engine:
                 break
             with wake:
                 if not finished:
-                    wake.wait(max(0.0, min(limit for limit, _ in running.values()) - self._clock()))
+                    first_limit = min(limit for _, limit, _ in running.values())
+                    wake.wait(max(0.0, first_limit - self._clock()))
                 batch, finished[:] = finished[:], []
             for app, outcome in batch:
                 if app in running:  # an abandoned worker's late answer is ignored
@@ -374,7 +378,7 @@ class Engine:
                     if not halted_by and halts(outcome):
                         halted_by = app
             now = self._clock()
-            for app, (limit, cancel) in list(running.items()):
+            for app, (started, limit, cancel) in list(running.items()):
                 if now >= limit:
                     cancel.set()  # whatever it has not paused yet, it must not pause any more
                     del running[app]
@@ -382,7 +386,7 @@ class Engine:
                         app,
                         label,
                         TIMEOUT,
-                        _ms(limit - now),
+                        _ms(now - started),
                         "did not return by its deadline",
                         units=self._config.app(app).units,
                     )

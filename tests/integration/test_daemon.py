@@ -321,6 +321,40 @@ def test_reload_applies_a_valid_config_and_keeps_the_last_good_one_otherwise(thr
     assert status(c)["pid"] == pid
 
 
+def test_invalid_config_at_start_refuses_freezes_with_the_errors_until_fixed(three_apps):
+    c = three_apps
+    configure(c, "version: 1\napps:\n  db: {units: [qgft-db], depends_on: [nosuch]}\n")
+    code, out = hook(c, "freeze")
+    assert code == 1
+    assert "[config-invalid]" in out
+    assert "apps.db.depends_on[0]: unknown app 'nosuch'" in out
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    assert hook(c, "thaw")[0] == 0  # nothing is paused, so thaw still succeeds
+    assert "unknown app 'nosuch'" in status(c)["config_error"]
+
+    c.write_file("/etc/qgafreeze.yaml", THREE_APPS, 0o600)
+    c.run(["systemctl", "reload", "qgafreeze.service"])
+    deadline = time.monotonic() + 10
+    while status(c)["config_error"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+
+
+def test_unknown_unit_fails_the_freeze_naming_the_unit(installed):
+    c = installed
+    add_unit(c, "qgft-db.service")
+    configure(
+        c,
+        "version: 1\napps:\n  db: {units: [qgft-db]}\n  ghost: {units: [qgft-ghost]}\n",
+        start=("qgft-db.service",),
+    )
+    code, out = hook(c, "freeze")
+    assert code == 1
+    assert "qgft-ghost.service: no such unit" in out
+    assert active(c, "qgft-db.service") == ["active"]
+
+
 def test_the_daemon_imports_nothing_while_a_cycle_runs(three_apps):
     c = three_apps
     assert hook(c, "freeze")[0] == 0

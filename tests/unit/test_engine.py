@@ -300,3 +300,38 @@ def test_reconfigure_is_refused_while_apps_are_paused():
     engine.thaw()
     engine.reconfigure(config, build_plan(config), {})
     assert engine.config.apps == ()
+
+
+class StuckAction:
+    """An action that ignores its deadline, as a call into a wedged bus would."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.resumed: list[list[str]] = []
+
+    def describe(self) -> list[str]:
+        return []
+
+    def quiesce(self, ctx) -> None:
+        ctx.restore.append("stuck.service")
+        self.release.wait(10)
+
+    def resume(self, ctx) -> None:
+        self.resumed.append(list(ctx.restore))
+
+
+def test_action_stuck_past_its_deadline_is_abandoned_and_rolled_back():
+    config = parse_config({"apps": {"stuck": {"units": ["stuck"], "timeout": "100ms"}}})
+    action = StuckAction()
+    engine = Engine(
+        config, build_plan(config), {"stuck": action}, RecordingEvents(), abandon_grace=0.05
+    )
+    try:
+        report = engine.freeze()
+    finally:
+        action.release.set()
+    assert not report.ok
+    assert report.apps[0].result == "timeout"
+    assert report.apps[0].message == "did not return by its deadline"
+    assert action.resumed == [["stuck.service"]]
+    assert engine.state == THAWED
