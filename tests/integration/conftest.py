@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+# Tests and bench scripts import the harness as `container`, whatever pytest import mode is used.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from container import Container, unmet_preconditions

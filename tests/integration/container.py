@@ -103,6 +103,46 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
+    found: list[int] = []
+    pending = list(children.get(pid, []))
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(children.get(child, []))
+    return found
+
+
+def _kill_inside(nsenter_pid: int) -> None:
+    """SIGKILL everything an nsenter started, leaving nsenter to reap its child and exit.
+
+    Killing nsenter first would orphan its child to the host's init, where it can linger as a
+    zombie inside the container's pid namespace and hold up the container's shutdown.
+    """
+    for pid in _descendants(nsenter_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # nsenter stops itself whenever its child stops (systemd's final killall does SIGSTOP
+    # first); it would never see the SIGCONT that went to the child alone.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(nsenter_pid, signal.SIGCONT)
+
+
 def _nspawn_pids(machine: str) -> list[int]:
     """Live systemd-nspawn processes running the machine called `machine`."""
     found: list[int] = []
@@ -220,6 +260,25 @@ def _escape_bind_path(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
+class _InsidePopen(subprocess.Popen):  # type: ignore[type-arg]
+    """Popen of an nsenter whose signals go to the command it runs inside the container."""
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is not None:
+            return
+        # nsenter forks the command into the container's pid namespace; right after start the
+        # fork may not have happened yet.
+        deadline = time.monotonic() + 2.0
+        while True:
+            children = _children_map().get(self.pid, [])
+            if children or self.poll() is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        for child in children or [self.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+
+
 class Container:
     """A booted container; create it with `Container.boot()`, stop it with `shutdown()`."""
 
@@ -239,6 +298,7 @@ class Container:
         self.shutdown_seconds = 0.0
         self._stopped = False
         self._nsenter = shutil.which("nsenter", path=_SYSTEM_PATH) or "nsenter"
+        self._background: list[subprocess.Popen[Any]] = []
 
     @classmethod
     def boot(cls, checkout: Path, name_prefix: str = "qgft") -> Container:
@@ -410,14 +470,17 @@ class Container:
             stderr=subprocess.PIPE,
             text=True,
             env=self._env(env),
-            # nsenter forks into the pid namespace; a process group reaches both halves.
             start_new_session=True,
         )
         try:
             stdout, stderr = process.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
+            _kill_inside(process.pid)
+            try:
+                stdout, stderr = process.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
             raise AssertionError(
                 self._describe(argv, f"timed out after {timeout} s", stdout, stderr)
             ) from None
@@ -441,13 +504,37 @@ class Container:
     def popen(self, argv: list[str] | str, **kw: Any) -> subprocess.Popen[Any]:
         """Start a background command inside; keyword arguments go to subprocess.Popen.
 
-        `env` is merged over the container's base environment. The process gets its own
-        session, so os.killpg(p.pid, ...) reaches the command inside as well as nsenter.
+        `env` is merged over the container's base environment. send_signal(), terminate() and
+        kill() on the result reach the command inside (not the nsenter wrapping it), and
+        returncode is that command's. Whatever still runs is killed by shutdown().
         """
         kw["env"] = self._env(kw.get("env"))
         kw.setdefault("start_new_session", True)
         kw.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.Popen(self._nsenter_argv(argv), **kw)
+        process = _InsidePopen(self._nsenter_argv(argv), **kw)
+        self._background.append(process)
+        return process
+
+    def _kill_background(self) -> None:
+        """Kill every nsenter still attached to this container, ours or a test's own."""
+        wanted = ["-t", str(self.leader)]
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if argv[0].endswith("nsenter") and argv[1:3] == wanted:
+                _kill_inside(int(entry))
+                _wait_gone(int(entry), 5.0)
+        for process in self._background:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                subprocess.Popen.kill(process)
+                process.wait(timeout=5)
+        self._background.clear()
 
     def write_file(self, path: str, content: str, mode: int = 0o644) -> None:
         """Create or replace `path` inside with `content`, creating parent directories."""
@@ -481,6 +568,8 @@ class Container:
         atexit.unregister(self.shutdown)
         started = time.monotonic()
         clean = True
+        if self.leader:
+            self._kill_background()
         if self.process.poll() is None:
             # nspawn turns SIGTERM into an orderly poweroff of the container's systemd.
             self.process.send_signal(signal.SIGTERM)
