@@ -21,6 +21,8 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/qgafreeze.yaml"
 DEFAULT_SOCKET = "/run/qgafreeze/qgafreeze.sock"
 DEFAULT_HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
+# qemu-ga creates this while it is frozen (its --statedir, /var/run by default).
+DEFAULT_AGENT_STATE_FILE = "/run/qga.state.isfrozen"
 CONFIG_VERSION = 1
 
 ON_FAILURE_CHOICES = ("abort", "continue")
@@ -65,6 +67,7 @@ class Settings:
     max_frozen: float = 900.0  # watchdog; 0 disables it
     hook_log: str | None = DEFAULT_HOOK_LOG  # None: no compatible hook log
     socket: str = DEFAULT_SOCKET
+    agent_state_file: str | None = DEFAULT_AGENT_STATE_FILE  # None: do not watch qemu-ga
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         problems,
         "settings",
         raw,
-        ("freeze_timeout", "thaw_timeout", "max_frozen", "hook_log", "socket"),
+        ("freeze_timeout", "thaw_timeout", "max_frozen", "hook_log", "socket", "agent_state_file"),
     )
     hook_log: str | None = defaults.hook_log
     if "hook_log" in raw:
@@ -243,6 +246,18 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         else:
             problems.add(
                 "settings.hook_log", f"expected an absolute path or null, got {_kind(value)}"
+            )
+    agent_state_file = defaults.agent_state_file
+    if "agent_state_file" in raw:
+        value = raw["agent_state_file"]
+        if value is None or value is False:
+            agent_state_file = None
+        elif isinstance(value, str) and value.startswith("/") and not value.endswith("/"):
+            agent_state_file = value
+        else:
+            problems.add(
+                "settings.agent_state_file",
+                f"expected an absolute file path or null, got {_kind(value)}",
             )
     socket = defaults.socket
     if "socket" in raw:
@@ -269,6 +284,7 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         ),
         hook_log=hook_log,
         socket=socket,
+        agent_state_file=agent_state_file,
     )
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from . import __version__, protocol
 from .actions import build_actions
+from .agentwatch import AgentFlagWatch
 from .config import Config, load_file, parse_config
-from .engine import ABANDON_GRACE, THAWED, CycleReport, Engine
+from .engine import ABANDON_GRACE, FROZEN, THAWED, CycleReport, Engine
 from .errors import Busy, ConfigError, QgafreezeError
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
 from .planner import build_plan
@@ -85,6 +86,10 @@ class Daemon:
         # Set when the config could not be used at start-up: we still serve, so that qemu-ga's
         # hook gets this explanation at once instead of a socket that never answers.
         self._config_error = config_error
+        self._watch: AgentFlagWatch | None = None
+
+    def watch_agent(self, path: str) -> None:
+        self._watch = AgentFlagWatch(path, self.agent_left_frozen_state)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -122,9 +127,34 @@ class Daemon:
             report = engine.freeze() if op == "freeze" else engine.thaw()
         finally:
             notify(f"STATUS={self._status_line()}")
+        if self._watch is not None:
+            # Armed before the reply goes out, so qemu-ga cannot create and remove its flag
+            # file before we watch it.
+            if report.state == FROZEN:
+                self._watch.arm(report.cycle)
+            else:
+                self._watch.disarm()
         if op == "freeze":
             self._log.flush(FLUSH_BEFORE_FREEZE)
         return report_reply(report)
+
+    def agent_left_frozen_state(self, cycle: str) -> None:
+        """qemu-ga thawed (or froze nothing) and ran no thaw hook: resume what we paused."""
+        engine = self.engine
+        if engine.state != FROZEN or engine.cycle != cycle:
+            return
+        self._log.problem(
+            "qemu-ga left its frozen state without running the thaw hook (a freeze of zero"
+            " filesystems?): resuming every paused app",
+            cycle,
+        )
+        try:
+            engine.thaw(reason="agent", wait=engine.config.settings.thaw_timeout)
+        except QgafreezeError as exc:
+            self._log.problem(
+                f"thaw after qemu-ga left its frozen state failed: {exc.message}", cycle
+            )
+        notify(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
         engine = self.engine
@@ -256,6 +286,8 @@ def run(config_path: str) -> int:
     if listener is None:
         listener = bind_listener(config.settings.socket)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
+    if config.settings.agent_state_file:
+        daemon.watch_agent(config.settings.agent_state_file)
     server = Server(listener, daemon, log)
     _warm_up(log)
     return daemon.run(server)

@@ -119,6 +119,10 @@ class Engine:
         return self._state
 
     @property
+    def cycle(self) -> str:
+        return self._cycle
+
+    @property
     def paused_apps(self) -> list[str]:
         return [app for app in self._plan.thaw.order if app in self._paused]
 

@@ -355,6 +355,20 @@ def test_unknown_unit_fails_the_freeze_naming_the_unit(installed):
     assert active(c, "qgft-db.service") == ["active"]
 
 
+def test_apps_resume_when_qemu_ga_leaves_frozen_state_without_a_thaw_hook(three_apps):
+    # What qemu-ga does when a freeze list matches no filesystem: flag file created and removed
+    # right after the freeze hook, and no thaw hook.
+    c = three_apps
+    assert hook(c, "freeze")[0] == 0
+    c.run("touch /run/qga.state.isfrozen && rm /run/qga.state.isfrozen")
+    deadline = time.monotonic() + 30  # 10 s of grace for a late thaw hook, then the thaw
+    while active(c, *THREE_UNITS) != ["active"] * 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    assert status(c)["last"]["reason"] == "agent"
+    assert hook(c, "thaw")[0] == 0  # the late thaw, if it ever comes, is harmless
+
+
 def test_the_daemon_imports_nothing_while_a_cycle_runs(three_apps):
     c = three_apps
     assert hook(c, "freeze")[0] == 0

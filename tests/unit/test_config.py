@@ -71,7 +71,7 @@ apps:
     )
     assert found == [
         "settings.freeze_timout: unknown key (allowed: freeze_timeout, thaw_timeout, max_frozen,"
-        " hook_log, socket)",
+        " hook_log, socket, agent_state_file)",
         "apps.shop.on_failure: expected one of abort, continue, got string 'maybe'",
         "apps.shop.timeout: expected a duration such as 500ms, 30s, 2m or 1h, got 'soon'",
         "apps.shop.depends_on[0]: unknown app 'mariadbx'",
