@@ -1,20 +1,46 @@
 """What quiescing an app means, one class per kind of action.
 
-An action records what it must undo *before* it pauses anything, in ``ActionContext.restore``,
-so that rollback, thaw and (later) crash recovery all resume exactly what was paused, including a
-unit whose stop was requested but timed out.
+An app is a sequence of actions: its ``freeze`` steps, its held session, its units, in that
+order on freeze and in the reverse order on thaw (flush, then lock, then stop; start, then
+unlock, then resume).  Each action notes what it must undo in ``ActionContext.record`` *before* it
+pauses anything, so that rollback, thaw and crash recovery resume exactly what was paused,
+including a unit whose stop was requested but timed out.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
-from .config import PROTECTED_UNITS, App
-from .errors import QgafreezeError, UnitError
+from . import commands
+from .config import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
+from .errors import ActionTimeout, QgafreezeError
 from .units import UnitManager, UnitState
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One command's run, for the hook log's execute/finished pair and journald."""
+
+    kind: str  # exec, shell, signal, session, legacy
+    what: str  # the command or script, as the hook log names it
+    phase: str
+    started: float  # wall clock
+    status: int
+    output: tuple[str, ...]
+
+
+def _ignore_step(report: StepReport) -> None:
+    pass
+
+
+def _ignore_problem(message: str) -> None:
+    pass
 
 
 @dataclass
@@ -22,14 +48,21 @@ class ActionContext:
     """One app's part of one phase."""
 
     deadline: float  # time.monotonic() by which the action must return
-    restore: list[str]  # shared by the freeze and thaw of one cycle: what to resume
+    # What to undo, per action, shared by the freeze and the thaw of one cycle.  Plain data
+    # (strings, numbers), so it can be kept outside the process.
+    record: dict[str, list[Any]]
     output: list[str] = field(default_factory=list)  # lines for the hook log and journald
     cancelled: threading.Event = field(default_factory=threading.Event)
+    step: Callable[[StepReport], None] = _ignore_step
+    problem: Callable[[str], None] = _ignore_problem
+
+    def undo(self, key: str) -> list[Any]:
+        return self.record.setdefault(key, [])
 
 
 class Action(Protocol):
     def describe(self) -> list[str]:
-        """Human lines for ``qgafreeze check``."""
+        """Human lines for ``qgafreeze check``, in the order they run on freeze."""
         ...
 
     def quiesce(self, ctx: ActionContext) -> None: ...
@@ -37,24 +70,37 @@ class Action(Protocol):
     def resume(self, ctx: ActionContext) -> None: ...
 
 
+def _raise_all(failures: list[QgafreezeError]) -> None:
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        if all(isinstance(f, ActionTimeout) for f in failures):
+            raise ActionTimeout("; ".join(f.message for f in failures))
+        raise QgafreezeError("; ".join(f.message for f in failures))
+
+
 class UnitsAction:
-    """Stop units on freeze; start on thaw only those that were running before the freeze.
+    """Stop (or cgroup-freeze) units on freeze; on thaw, resume only those that were running.
 
     Units that can start a service behind our back (its socket, path or timer units: Debian
     enables ``mariadb.socket``) are stopped first, or the first client to connect during the
     frozen window would restart the database on a frozen disk.  On thaw they are started first
     too: systemd refuses to start a socket whose service is already running, and a service
-    started after its socket receives the socket's file descriptors, as at boot.
+    started after its socket receives the socket's file descriptors, as at boot.  A frozen unit
+    keeps its sockets: nothing can restart a service that is still there.
     """
+
+    key = "units"
 
     def __init__(self, app: App, manager: UnitManager) -> None:
         self._units = app.units
+        self._freeze = app.mode == "freeze"
         self._manager = manager
 
     def describe(self) -> list[str]:
-        return [
-            f"stop {', '.join(self._units)} (and the sockets, paths and timers that start them)"
-        ]
+        if self._freeze:
+            return [f"freeze the processes of {', '.join(self._units)} (cgroup freezer)"]
+        return [f"stop {', '.join(self._units)} (and the sockets, paths, timers that start them)"]
 
     def quiesce(self, ctx: ActionContext) -> None:
         states = [self._manager.unit_state(unit, ctx.deadline) for unit in self._units]
@@ -66,12 +112,19 @@ class UnitsAction:
                 ctx.output.append(
                     f"{state.name}: {state.active_state} before the freeze, left alone"
                 )
+        undo = ctx.undo(self.key)
+        if self._freeze:
+            if running and not ctx.cancelled.is_set():
+                undo.extend(running)
+                ctx.output.append(f"freezing {', '.join(running)}")
+                self._manager.freeze(running, ctx.deadline)
+                ctx.output.append(f"{', '.join(running)}: frozen")
+            return
         triggers = self._running_triggers(states, ctx)
-
         for batch in (triggers, running):
             if not batch or ctx.cancelled.is_set():
                 continue
-            ctx.restore.extend(batch)  # before the stop: a timed-out stop must still be undone
+            undo.extend(batch)  # before the stop: a timed-out stop must still be undone
             ctx.output.append(f"stopping {', '.join(batch)}")
             self._manager.stop(batch, ctx.deadline)
             ctx.output.append(f"{', '.join(batch)}: stopped")
@@ -89,11 +142,17 @@ class UnitsAction:
         return [name for name in names if self._manager.unit_state(name, ctx.deadline).is_running]
 
     def resume(self, ctx: ActionContext) -> None:
-        if not ctx.restore:
-            ctx.output.append("nothing was stopped by the freeze; nothing to start")
+        undo = ctx.undo(self.key)
+        if not undo:
             return
-        services = [u for u in reversed(ctx.restore) if u in self._units]
-        triggers = [u for u in reversed(ctx.restore) if u not in self._units]
+        if self._freeze:
+            ctx.output.append(f"thawing {', '.join(undo)}")
+            self._manager.thaw(list(undo), ctx.deadline)
+            ctx.output.append(f"{', '.join(undo)}: thawed")
+            undo.clear()
+            return
+        services = [u for u in reversed(undo) if u in self._units]
+        triggers = [u for u in reversed(undo) if u not in self._units]
         failures: list[QgafreezeError] = []
         for batch in (triggers, services):
             if not batch:
@@ -106,11 +165,286 @@ class UnitsAction:
                 failures.append(exc)
             else:
                 ctx.output.append(f"{', '.join(batch)}: started")
-        if len(failures) == 1:
-            raise failures[0]
-        if failures:
-            raise UnitError("; ".join(str(f) for f in failures))
+                for unit in batch:
+                    undo.remove(unit)
+        _raise_all(failures)
 
 
-def build_actions(apps: Sequence[App], manager: UnitManager) -> dict[str, Action]:
-    return {app.name: UnitsAction(app, manager) for app in apps}
+class StepsAction:
+    """The app's ``freeze`` steps on freeze, its ``thaw`` steps on thaw (after a freeze only)."""
+
+    key = "steps"
+
+    def __init__(self, app: App, manager: UnitManager) -> None:
+        self._freeze = app.freeze
+        self._thaw = app.thaw
+        self._manager = manager
+
+    def describe(self) -> list[str]:
+        lines = [f"freeze step: {s.describe()}" for s in self._freeze]
+        return lines + [f"thaw step: {s.describe()}" for s in self._thaw]
+
+    def quiesce(self, ctx: ActionContext) -> None:
+        # Marked first: thaw steps undo whatever part of the freeze steps ran.
+        ctx.undo(self.key).append("freeze steps started")
+        for step in self._freeze:
+            if ctx.cancelled.is_set():
+                return
+            self._run(step, "freeze", ctx)
+
+    def resume(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        if not undo:
+            return
+        failures: list[QgafreezeError] = []
+        for step in self._thaw:
+            try:
+                self._run(step, "thaw", ctx)
+            except QgafreezeError as exc:  # the other thaw steps still run
+                failures.append(exc)
+        _raise_all(failures)
+        undo.clear()
+
+    def _run(self, step: Step, phase: str, ctx: ActionContext) -> None:
+        started = time.time()
+        what = step.describe()
+        if step.kind == "signal":
+            for unit in step.units:
+                self._manager.kill(unit, step.whom, step.signal, ctx.deadline)
+            ctx.output.append(f"sent {step.signal_name} to {', '.join(step.units)}")
+            ctx.step(StepReport("signal", what, phase, started, 0, ()))
+            return
+        deadline = ctx.deadline
+        if step.timeout:
+            deadline = min(deadline, time.monotonic() + step.timeout)
+        label = step.argv[2] if step.kind == "shell" else " ".join(step.argv)
+        try:
+            outcome = commands.run(step.argv, deadline, step.user, step.env, step.cwd)
+        except ActionTimeout as exc:
+            ctx.step(StepReport(step.kind, label, phase, started, 124, ()))
+            raise ActionTimeout(f"{label}: {exc.message}") from None
+        # The output goes to the step's own block in the hook log, not again into the app's.
+        ctx.output.append(f"{label}: exit status {outcome.status}")
+        ctx.step(StepReport(step.kind, label, phase, started, outcome.status, outcome.output))
+        if outcome.status != 0:
+            raise commands.CommandFailed(f"{label} exited with status {outcome.status}")
+
+
+class SessionAction:
+    """A process held open from freeze to thaw: a database client holding a lock.
+
+    Its ``open`` text is written to its stdin at freeze, and the freeze goes on once its output
+    shows ``ready``; at thaw ``close`` is written, stdin closed, and it must exit.  If it dies in
+    between, the lock it held was released while frozen: that is logged at once, and the thaw
+    reports it, because the snapshot may then not be application-consistent.
+    """
+
+    key = "session"
+
+    def __init__(self, app: App, session: Session) -> None:
+        self._app = app.name
+        self._session = session
+        self._held: commands.HeldSession | None = None
+
+    def describe(self) -> list[str]:
+        who = f" as {self._session.user}" if self._session.user else ""
+        return [
+            f"hold a session: {' '.join(self._session.argv)}{who}, ready when the output"
+            f" matches {self._session.ready!r}; closed on thaw"
+        ]
+
+    def quiesce(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+
+        def on_exit(status: int) -> None:
+            ctx.problem(
+                f"{self._app}: the held session exited with status {status} while frozen:"
+                " its lock is gone, the snapshot may not be application-consistent"
+            )
+
+        started = time.time()
+        held = commands.HeldSession(
+            self._session.argv, self._session.user, self._session.env, self._session.cwd, on_exit
+        )
+        undo.append(held.pid)
+        self._held = held
+        try:
+            held.send(self._session.open)
+            held.wait_for(self._session.ready, ctx.deadline)
+        except QgafreezeError:
+            ctx.output.extend(held.output())
+            held.kill()
+            self._held = None
+            undo.clear()
+            raise
+        ctx.output.append(f"session {held.pid} ready: {' '.join(self._session.argv)}")
+        ctx.step(StepReport("session", " ".join(self._session.argv), "freeze", started, 0, ()))
+
+    def resume(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        if not undo:
+            return
+        held = self._held
+        if held is None:
+            undo.clear()
+            raise commands.CommandFailed(
+                f"the session (pid {undo[0]}) is no longer ours: was the daemon restarted?"
+            )
+        started = time.time()
+        died = held.returncode
+        try:
+            status = held.finish(self._session.close, ctx.deadline)
+        finally:
+            self._held = None
+            undo.clear()
+            ctx.output.extend(held.output())
+        ctx.step(StepReport("session", " ".join(self._session.argv), "thaw", started, status, ()))
+        if died is not None:
+            raise commands.CommandFailed(
+                f"the held session had exited with status {died} before the thaw: its lock was"
+                " released while frozen; the snapshot may not be application-consistent"
+            )
+        if status != 0:
+            raise commands.CommandFailed(f"the session exited with status {status} on close")
+        ctx.output.append("session closed")
+
+
+# The stock fsfreeze-hook skips these, as package managers leave them beside real scripts.
+LEGACY_SKIPPED_SUFFIXES = (
+    "~",
+    ".bak",
+    ".orig",
+    ".rpmnew",
+    ".rpmorig",
+    ".rpmsave",
+    ".sample",
+    ".dpkg-old",
+    ".dpkg-new",
+    ".dpkg-tmp",
+    ".dpkg-dist",
+    ".dpkg-bak",
+    ".dpkg-backup",
+    ".dpkg-remove",
+)
+
+
+def legacy_scripts(directory: str) -> list[str]:
+    """The scripts the stock hook would run, in its order (the shell's glob, C locale)."""
+    try:
+        names = sorted(os.listdir(directory), key=os.fsencode)
+    except FileNotFoundError:
+        return []
+    scripts = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith(".") or name.endswith(LEGACY_SKIPPED_SUFFIXES):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            scripts.append(path)
+    return scripts
+
+
+class LegacyHooksAction:
+    """The old ``fsfreeze-hook.d`` scripts, with the stock semantics and log lines, but with a
+    timeout per script, thaw in reverse order, and an exit status that counts."""
+
+    key = "legacy"
+
+    def __init__(self, directory: str, script_timeout: float) -> None:
+        self._directory = directory
+        self._timeout = script_timeout
+
+    def describe(self) -> list[str]:
+        found = legacy_scripts(self._directory)
+        listed = ", ".join(os.path.basename(p) for p in found) or "none at the moment"
+        return [
+            f"run the scripts of {self._directory} with 'freeze' (glob order), 'thaw' in reverse;"
+            f" {self._timeout:g}s each; now: {listed}"
+        ]
+
+    def quiesce(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        for script in legacy_scripts(self._directory):
+            if ctx.cancelled.is_set():
+                return
+            undo.append(script)
+            self._run(script, "freeze", ctx)
+
+    def resume(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        failures: list[QgafreezeError] = []
+        for script in list(reversed(undo)):
+            try:
+                self._run(script, "thaw", ctx)
+            except QgafreezeError as exc:
+                failures.append(exc)
+            else:
+                undo.remove(script)
+        _raise_all(failures)
+
+    def _run(self, script: str, phase: str, ctx: ActionContext) -> None:
+        started = time.time()
+        deadline = min(ctx.deadline, time.monotonic() + self._timeout)
+        try:
+            outcome = commands.run([script, phase], deadline)
+        except ActionTimeout as exc:
+            ctx.step(StepReport("legacy", script, phase, started, 124, ()))
+            raise ActionTimeout(f"{script}: {exc.message}") from None
+        except commands.CommandFailed as exc:
+            ctx.step(StepReport("legacy", script, phase, started, 126, (exc.message,)))
+            raise
+        ctx.step(StepReport("legacy", script, phase, started, outcome.status, outcome.output))
+        if outcome.status != 0:
+            raise commands.CommandFailed(f"{script} {phase} exited with status {outcome.status}")
+
+
+class AppActions:
+    """An app's actions in freeze order; thaw runs them in reverse and goes on past failures."""
+
+    def __init__(self, actions: Sequence[Action]) -> None:
+        self._actions = list(actions)
+
+    def describe(self) -> list[str]:
+        return [line for action in self._actions for line in action.describe()]
+
+    def quiesce(self, ctx: ActionContext) -> None:
+        for action in self._actions:
+            if ctx.cancelled.is_set():
+                return
+            action.quiesce(ctx)
+
+    def resume(self, ctx: ActionContext) -> None:
+        failures: list[QgafreezeError] = []
+        for action in reversed(self._actions):
+            try:
+                action.resume(ctx)
+            except QgafreezeError as exc:
+                failures.append(exc)
+        _raise_all(failures)
+
+
+def build_app(app: App, manager: UnitManager, legacy_timeout: float) -> Action:
+    if app.name == LEGACY_APP and app.legacy_hooks:
+        return LegacyHooksAction(app.legacy_hooks, legacy_timeout)
+    actions: list[Action] = []
+    if app.freeze or app.thaw:
+        actions.append(StepsAction(app, manager))
+    if app.session is not None:
+        actions.append(SessionAction(app, app.session))
+    if app.units:
+        actions.append(UnitsAction(app, manager))
+    return actions[0] if len(actions) == 1 else AppActions(actions)
+
+
+def build_actions(
+    apps: Sequence[App], manager: UnitManager, legacy_timeout: float = 30.0
+) -> dict[str, Action]:
+    return {app.name: build_app(app, manager, legacy_timeout) for app in apps}
+
+
+def record_is_empty(record: dict[str, list[Any]]) -> bool:
+    return not any(record.values())

@@ -68,15 +68,73 @@ class Settings:
     hook_log: str | None = DEFAULT_HOOK_LOG  # None: no compatible hook log
     socket: str = DEFAULT_SOCKET
     agent_state_file: str | None = DEFAULT_AGENT_STATE_FILE  # None: do not watch qemu-ga
+    legacy_hooks: str | None = None  # an old fsfreeze-hook.d to run as one more app
+    legacy_hook_timeout: float = 30.0  # per script
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command (``exec``, or ``shell`` when asked for) or one signal, in freeze or thaw."""
+
+    kind: str  # exec, shell, signal
+    argv: tuple[str, ...] = ()  # exec; for shell: ("/bin/sh", "-c", text)
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    timeout: float | None = None  # None: whatever is left of the app's deadline
+    signal: int = 0  # signal
+    signal_name: str = ""
+    units: tuple[str, ...] = ()  # signal: units whose processes get it
+    whom: str = "all"  # signal: all, main or control (systemd's KillUnit)
+
+    def describe(self) -> str:
+        if self.kind == "signal":
+            return f"send {self.signal_name} to {', '.join(self.units)} ({self.whom})"
+        command = self.argv[2] if self.kind == "shell" else " ".join(self.argv)
+        who = f" as {self.user}" if self.user else ""
+        return f"run {'sh -c ' if self.kind == 'shell' else ''}{command!r}{who}"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A process held open from freeze to thaw (a database client holding a lock)."""
+
+    argv: tuple[str, ...]
+    open: str
+    ready: str  # a regular expression matched against each output line
+    close: str
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
 
 
 @dataclass(frozen=True)
 class App:
     name: str
-    units: tuple[str, ...]
+    units: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
     timeout: float = 30.0
     on_failure: str = "abort"
+    mode: str = "stop"  # what happens to units: stop, or freeze (cgroup freezer)
+    session: Session | None = None
+    freeze: tuple[Step, ...] = ()
+    thaw: tuple[Step, ...] = ()
+    preset: str | None = None
+    legacy_hooks: str | None = None  # the directory, for the app made from settings.legacy_hooks
+
+    @property
+    def action_kinds(self) -> tuple[str, ...]:
+        """What the app does, in freeze order, as journald's QGAFREEZE_ACTION names it."""
+        kinds = []
+        if self.legacy_hooks:
+            kinds.append("legacy")
+        if self.freeze or self.thaw:
+            kinds.append("steps")
+        if self.session is not None:
+            kinds.append("session")
+        if self.units:
+            kinds.append("freeze-units" if self.mode == "freeze" else "units")
+        return tuple(kinds)
 
 
 @dataclass(frozen=True)
@@ -234,8 +292,26 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         problems,
         "settings",
         raw,
-        ("freeze_timeout", "thaw_timeout", "max_frozen", "hook_log", "socket", "agent_state_file"),
+        (
+            "freeze_timeout",
+            "thaw_timeout",
+            "max_frozen",
+            "hook_log",
+            "socket",
+            "agent_state_file",
+            "legacy_hooks",
+            "legacy_hook_timeout",
+        ),
     )
+    legacy_hooks = None
+    if raw.get("legacy_hooks") is not None:
+        value = raw["legacy_hooks"]
+        if isinstance(value, str) and value.startswith("/"):
+            legacy_hooks = value.rstrip("/") or "/"
+        else:
+            problems.add(
+                "settings.legacy_hooks", f"expected an absolute directory, got {_kind(value)}"
+            )
     hook_log: str | None = defaults.hook_log
     if "hook_log" in raw:
         value = raw["hook_log"]
@@ -285,27 +361,161 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         hook_log=hook_log,
         socket=socket,
         agent_state_file=agent_state_file,
+        legacy_hooks=legacy_hooks,
+        legacy_hook_timeout=_duration(
+            problems,
+            "settings.legacy_hook_timeout",
+            raw.get("legacy_hook_timeout"),
+            defaults.legacy_hook_timeout,
+        ),
     )
 
 
-_APP_KEYS = ("units", "depends_on", "timeout", "on_failure")
+_APP_KEYS = (
+    "preset",
+    "units",
+    "mode",
+    "session",
+    "freeze",
+    "thaw",
+    "depends_on",
+    "timeout",
+    "on_failure",
+)
+_SESSION_KEYS = ("argv", "user", "env", "cwd", "open", "ready", "close")
+_STEP_KEYS = ("exec", "shell", "signal", "user", "env", "cwd", "timeout", "units", "whom")
+MODES = ("stop", "freeze")
+WHOM = ("all", "main", "control")
+LEGACY_APP = "legacy-hooks"
+
+# Presets: defaults for well-known databases that the app's own keys override one by one (and,
+# inside ``session``, one sub-key at a time).  The README says what consistency each gives.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mariadb": {
+        # FLUSH TABLES WITH READ LOCK is released when its session ends: hold the session.
+        "session": {
+            "argv": ["mariadb", "--batch", "--skip-column-names", "--unbuffered"],
+            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "UNLOCK TABLES;\n",
+        },
+    },
+    "mysql": {
+        "session": {
+            "argv": ["mysql", "--batch", "--skip-column-names", "--unbuffered"],
+            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "UNLOCK TABLES;\n",
+        },
+    },
+    "postgresql": {
+        # A checkpoint first, so that the backup starts (and a restore recovers) quickly; then
+        # pg_backup_start held in one session until pg_backup_stop (PostgreSQL 15 and later),
+        # whose backup label is saved for the restore.
+        "freeze": [{"exec": ["psql", "-X", "-q", "-c", "CHECKPOINT"], "user": "postgres"}],
+        "session": {
+            "argv": ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"],
+            "user": "postgres",
+            "open": "SELECT pg_backup_start('qgafreeze', true);\n\\echo qgafreeze-ready\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "\\o /var/lib/postgresql/qgafreeze-backup_label\n"
+            "SELECT labelfile FROM pg_backup_stop(true);\n\\o\n",
+        },
+    },
+    "mongodb": {
+        "freeze": [{"exec": ["mongosh", "--quiet", "--eval", "db.fsyncLock()"]}],
+        "thaw": [{"exec": ["mongosh", "--quiet", "--eval", "db.fsyncUnlock()"]}],
+    },
+    "redis": {
+        # SAVE returns once the RDB file is complete on disk.
+        "freeze": [{"exec": ["redis-cli", "SAVE"]}],
+    },
+}
+
+_SIGNALS = {
+    name: number
+    for name, number in (
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("USR1", 10),
+        ("USR2", 12),
+        ("TERM", 15),
+        ("CONT", 18),
+        ("WINCH", 28),
+    )
+}
 
 
-def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
-    path = f"apps.{name}"
-    if not isinstance(name, str) or not _APP_NAME.match(name):
+def _apply_preset(problems: _Problems, path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if name not in PRESETS:
         problems.add(
-            path,
-            "an app name is letters, digits, '_', '.' or '-', starting with a letter or digit",
+            f"{path}.preset", f"unknown preset {_kind(name)} (known: {', '.join(PRESETS)})"
         )
-        return None
-    if not isinstance(raw, dict):
-        problems.add(path, f"expected a mapping, got {_kind(raw)}")
-        return None
-    _check_keys(problems, path, raw, _APP_KEYS)
+        return raw
+    merged: dict[str, Any] = {k: v for k, v in PRESETS[name].items()}
+    for key, value in raw.items():
+        if key == "session" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
+
+def _env(problems: _Problems, path: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping of NAME: value, got {_kind(value)}")
+        return ()
+    pairs = []
+    for key, item in value.items():
+        if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            problems.add(f"{path}.{key}", "not a valid environment variable name")
+        elif isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            problems.add(f"{path}.{key}", f"expected a string, got {_kind(item)}")
+        else:
+            pairs.append((key, str(item)))
+    return tuple(pairs)
+
+
+def _user(problems: _Problems, path: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and re.match(r"^[a-z_][a-z0-9_.-]*[$]?$", value, re.I):
+        return value
+    problems.add(path, f"expected a user name, got {_kind(value)}")
+    return None
+
+
+def _cwd(problems: _Problems, path: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.startswith("/"):
+        return value
+    problems.add(path, f"expected an absolute directory, got {_kind(value)}")
+    return None
+
+
+def _argv(problems: _Problems, path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        problems.add(path, f"expected a non-empty list: [program, arg, ...], got {_kind(value)}")
+        return ()
+    items = []
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            problems.add(f"{path}[{index}]", f"expected a string, got {_kind(item)}")
+        else:
+            items.append(str(item))
+    return tuple(items)
+
+
+def _units(problems: _Problems, path: str, value: Any) -> tuple[str, ...]:
     units: list[str] = []
-    for item_path, unit in _string_list(problems, f"{path}.units", raw.get("units")):
+    for item_path, unit in _string_list(problems, path, value):
         unit = normalize_unit(unit)
         if not _UNIT_NAME.match(unit):
             problems.add(item_path, f"{unit!r} is not a valid unit name")
@@ -322,10 +532,139 @@ def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
             problems.add(item_path, f"{unit!r} is listed twice")
         else:
             units.append(unit)
-    if "units" not in raw:
-        problems.add(path, "no action: add 'units: [name.service]'")
-    elif raw.get("units") == []:
+    return tuple(units)
+
+
+def _session(problems: _Problems, path: str, raw: Any) -> Session | None:
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping, got {_kind(raw)}")
+        return None
+    _check_keys(problems, path, raw, _SESSION_KEYS)
+    texts = {}
+    for key in ("open", "close"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            problems.add(f"{path}.{key}", f"expected text, got {_kind(value)}")
+            value = ""
+        texts[key] = value if not value or value.endswith("\n") else value + "\n"
+    ready = raw.get("ready")
+    if not isinstance(ready, str) or not ready:
+        problems.add(f"{path}.ready", "expected a regular expression the output shows when ready")
+        ready = ""
+    else:
+        try:
+            re.compile(ready)
+        except re.error as exc:
+            problems.add(f"{path}.ready", f"not a valid regular expression: {exc}")
+    return Session(
+        argv=_argv(problems, f"{path}.argv", raw.get("argv")),
+        open=texts["open"],
+        ready=ready,
+        close=texts["close"],
+        user=_user(problems, f"{path}.user", raw.get("user")),
+        env=_env(problems, f"{path}.env", raw.get("env")),
+        cwd=_cwd(problems, f"{path}.cwd", raw.get("cwd")),
+    )
+
+
+def _step(problems: _Problems, path: str, raw: Any) -> Step | None:
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping such as {{exec: [program, arg]}}, got {_kind(raw)}")
+        return None
+    _check_keys(problems, path, raw, _STEP_KEYS)
+    kinds = [k for k in ("exec", "shell", "signal") if k in raw]
+    if len(kinds) != 1:
+        problems.add(path, "needs exactly one of exec (argv list), shell (command text), signal")
+        return None
+    kind = kinds[0]
+    timeout = None
+    if raw.get("timeout") is not None:
+        timeout = _duration(problems, f"{path}.timeout", raw.get("timeout"), 0.0)
+    if kind == "signal":
+        name = raw["signal"]
+        number = 0
+        if isinstance(name, str) and name.upper().removeprefix("SIG") in _SIGNALS:
+            name = name.upper().removeprefix("SIG")
+            number = _SIGNALS[name]
+        elif isinstance(name, int) and not isinstance(name, bool) and 0 < name < 65:
+            number, name = name, str(name)
+        else:
+            problems.add(f"{path}.signal", f"expected a signal such as USR1, got {_kind(name)}")
+            name = ""
+        whom = raw.get("whom", "all")
+        if whom not in WHOM:
+            problems.add(f"{path}.whom", f"expected one of {', '.join(WHOM)}, got {_kind(whom)}")
+        units = _units(problems, f"{path}.units", raw.get("units"))
+        if not units:
+            problems.add(f"{path}.units", "a signal needs the units whose processes get it")
+        for key in ("user", "env", "cwd"):
+            if key in raw:
+                problems.add(f"{path}.{key}", "applies to exec and shell steps, not to signals")
+        return Step(
+            kind="signal", signal=number, signal_name=f"SIG{name}", units=units, whom=str(whom)
+        )
+    if "units" in raw or "whom" in raw:
+        problems.add(path, "units and whom apply to signal steps only")
+    if kind == "shell":
+        text = raw["shell"]
+        if not isinstance(text, str) or not text.strip():
+            problems.add(f"{path}.shell", f"expected a command line, got {_kind(text)}")
+            text = ""
+        argv: tuple[str, ...] = ("/bin/sh", "-c", text)
+    else:
+        argv = _argv(problems, f"{path}.exec", raw["exec"])
+    return Step(
+        kind=kind,
+        argv=argv,
+        user=_user(problems, f"{path}.user", raw.get("user")),
+        env=_env(problems, f"{path}.env", raw.get("env")),
+        cwd=_cwd(problems, f"{path}.cwd", raw.get("cwd")),
+        timeout=timeout,
+    )
+
+
+def _steps(problems: _Problems, path: str, raw: Any) -> tuple[Step, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add(path, f"expected a list of steps, got {_kind(raw)}")
+        return ()
+    steps = [_step(problems, f"{path}[{i}]", item) for i, item in enumerate(raw)]
+    return tuple(s for s in steps if s is not None)
+
+
+def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
+    path = f"apps.{name}"
+    if not isinstance(name, str) or not _APP_NAME.match(name):
+        problems.add(
+            path,
+            "an app name is letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+        return None
+    if name == LEGACY_APP:
+        problems.add(path, f"'{LEGACY_APP}' is the app made from settings.legacy_hooks")
+        return None
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping, got {_kind(raw)}")
+        return None
+    _check_keys(problems, path, raw, _APP_KEYS)
+    raw = _apply_preset(problems, path, raw)
+
+    units = _units(problems, f"{path}.units", raw.get("units"))
+    if raw.get("units") == []:
         problems.add(f"{path}.units", "is empty")
+    session = _session(problems, f"{path}.session", raw["session"]) if "session" in raw else None
+    freeze = _steps(problems, f"{path}.freeze", raw.get("freeze"))
+    thaw = _steps(problems, f"{path}.thaw", raw.get("thaw"))
+    if not any(key in raw for key in ("units", "session", "freeze", "thaw")):
+        problems.add(path, "no action: add units, session, freeze or thaw steps, or a preset")
+
+    mode = raw.get("mode", "stop")
+    if mode not in MODES:
+        problems.add(f"{path}.mode", f"expected one of {', '.join(MODES)}, got {_kind(mode)}")
+        mode = "stop"
+    elif "mode" in raw and not units:
+        problems.add(f"{path}.mode", "applies to units; this app lists none")
 
     on_failure = raw.get("on_failure", "abort")
     if on_failure not in ON_FAILURE_CHOICES:
@@ -344,10 +683,15 @@ def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
 
     return App(
         name=name,
-        units=tuple(units),
+        units=units,
         depends_on=tuple(depends_on),
         timeout=_duration(problems, f"{path}.timeout", raw.get("timeout"), App.timeout),
         on_failure=on_failure,
+        mode=mode,
+        session=session,
+        freeze=freeze,
+        thaw=thaw,
+        preset=raw.get("preset") if isinstance(raw.get("preset"), str) else None,
     )
 
 
@@ -405,9 +749,20 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         app = _parse_app(problems, name, raw)
         if app is not None:
             apps.append(app)
+    if settings.legacy_hooks:
+        # The old hook directory is one more app: other apps may depend on it by this name.
+        apps.append(
+            App(
+                name=LEGACY_APP,
+                legacy_hooks=settings.legacy_hooks,
+                timeout=settings.freeze_timeout,
+            )
+        )
 
     names = {app.name for app in apps}
     for app in apps:
+        if app.name not in raw_apps:
+            continue
         # Index into the raw list so the path names the item as the administrator wrote it.
         raw_deps = raw_apps[app.name].get("depends_on")
         for index, dep in enumerate(raw_deps if isinstance(raw_deps, list) else []):

@@ -180,7 +180,11 @@ class Daemon:
         try:
             config = load_file(self._config_path)
             plan = build_plan(config)
-            self.engine.reconfigure(config, plan, build_actions(config.apps, self._manager))
+            self.engine.reconfigure(
+                config,
+                plan,
+                build_actions(config.apps, self._manager, config.settings.legacy_hook_timeout),
+            )
         except ConfigError as exc:
             if self._config_error is not None:  # no good config to keep: report the new errors
                 self._config_error = exc
@@ -280,7 +284,9 @@ def run(config_path: str) -> int:
         )
     manager = SystemdManager()
     plan = build_plan(config)
-    engine = Engine(config, plan, build_actions(config.apps, manager), log)
+    engine = Engine(
+        config, plan, build_actions(config.apps, manager, config.settings.legacy_hook_timeout), log
+    )
     guard.engine = engine
     listener = activated_listener()
     if listener is None:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .actions import Action, ActionContext
+from .actions import Action, ActionContext, StepReport, record_is_empty
 from .config import Config
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .planner import PhasePlan, Plan, subset
@@ -43,6 +43,7 @@ class AppOutcome:
     message: str = ""
     output: tuple[str, ...] = ()
     units: tuple[str, ...] = ()  # the units the app declares, for logs
+    actions: tuple[str, ...] = ()  # the kinds of action the app has, for logs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,8 @@ class EventSink(Protocol):
 
     def app_finished(self, cycle: str, outcome: AppOutcome) -> None: ...
 
+    def step_finished(self, cycle: str, app: str, report: StepReport) -> None: ...
+
     def cycle_finished(self, report: CycleReport) -> None: ...
 
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
@@ -104,7 +107,8 @@ class Engine:
         self._state = THAWED
         self._cycle = ""
         self._frozen_at = 0.0  # wall clock, for status
-        self._paused: dict[str, list[str]] = {}  # app -> what to restore; survives failed thaws
+        # app -> what to undo, per action; survives failed thaws so the next thaw retries
+        self._paused: dict[str, dict[str, list[Any]]] = {}
         self._last: CycleReport | None = None
         self._watchdog_cancel: threading.Event | None = None
 
@@ -258,18 +262,35 @@ class Engine:
     def _quiesce_app(
         self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
     ) -> AppOutcome:
-        restore: list[str] = []
-        self._paused[app] = restore  # before anything is paused, so a failure is always undone
-        ctx = ActionContext(deadline=deadline, restore=restore, cancelled=cancel)
+        record: dict[str, list[Any]] = {}
+        self._paused[app] = record  # before anything is paused, so a failure is always undone
+        ctx = self._context(app, deadline, record, cancel, cycle)
         outcome = self._run_action(app, ctx, self._actions[app].quiesce, cycle, phase)
-        if not restore and outcome.result == OK:
+        if record_is_empty(record) and outcome.result == OK:
             del self._paused[app]  # nothing was paused (all its units were already stopped)
         return outcome
+
+    def _context(
+        self,
+        app: str,
+        deadline: float,
+        record: dict[str, list[Any]],
+        cancel: threading.Event,
+        cycle: str,
+    ) -> ActionContext:
+        events = self._events
+        return ActionContext(
+            deadline=deadline,
+            record=record,
+            cancelled=cancel,
+            step=lambda report: events.step_finished(cycle, app, report),
+            problem=lambda message: events.problem(message, cycle),
+        )
 
     def _resume_app(
         self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
     ) -> AppOutcome:
-        ctx = ActionContext(deadline=deadline, restore=self._paused[app], cancelled=cancel)
+        ctx = self._context(app, deadline, self._paused[app], cancel, cycle)
         outcome = self._run_action(app, ctx, self._actions[app].resume, cycle, phase)
         if outcome.result == OK:
             self._paused.pop(app, None)
@@ -303,6 +324,7 @@ class Engine:
             message=message,
             output=tuple(ctx.output),
             units=self._config.app(app).units,
+            actions=self._config.app(app).action_kinds,
         )
         self._events.app_finished(cycle, outcome)
         return outcome

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from .actions import StepReport
 from .engine import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, CycleReport
 
 try:  # systemd-python; without it the hook log still works and the daemon says so
@@ -31,6 +32,7 @@ MSG_APP_DONE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f01"
 MSG_CYCLE_DONE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f02"
 MSG_PROBLEM = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f03"
 MSG_DAEMON = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f04"
+MSG_STEP_DONE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f05"
 
 SYSLOG_IDENTIFIER = "qgafreeze"
 PRIORITY_ERR, PRIORITY_WARNING, PRIORITY_INFO = 3, 4, 6
@@ -83,6 +85,9 @@ class LogWriter:
 
     def cycle_finished(self, report: CycleReport) -> None:
         self._put("cycle_finished", report)
+
+    def step_finished(self, cycle: str, app: str, report: StepReport) -> None:
+        self._put("step_finished", (cycle, app, report))
 
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None:
         self._put("problem", (message, cycle, detail))
@@ -192,7 +197,7 @@ class LogWriter:
             QGAFREEZE_PHASE=phase,
             QGAFREEZE_REASON="rollback" if outcome.phase == "rollback" else None,
             QGAFREEZE_APP=outcome.app,
-            QGAFREEZE_ACTION="units",
+            QGAFREEZE_ACTION=" ".join(outcome.actions) or None,
             QGAFREEZE_UNIT=" ".join(outcome.units) or None,
             QGAFREEZE_RESULT=outcome.result,
             QGAFREEZE_DURATION_MS=outcome.duration_ms,
@@ -210,6 +215,28 @@ class LogWriter:
             f"{hook_log_date(when)}: qgafreeze:{outcome.app} finished with status={status}"
         )
         return lines
+
+    def _render_step_finished(self, when: float, payload: tuple[str, str, StepReport]) -> list[str]:
+        cycle, app, report = payload
+        self._journal(
+            f"{app}: {report.phase} {report.kind} {report.what}: status {report.status}",
+            PRIORITY_INFO if report.status == 0 else PRIORITY_WARNING,
+            MSG_STEP_DONE,
+            QGAFREEZE_CYCLE=cycle,
+            QGAFREEZE_PHASE=report.phase,
+            QGAFREEZE_APP=app,
+            QGAFREEZE_ACTION=report.kind,
+            QGAFREEZE_STEP=report.what,
+            QGAFREEZE_EXIT_STATUS=report.status,
+            QGAFREEZE_DURATION_MS=round((when - report.started) * 1000),
+            QGAFREEZE_OUTPUT="\n".join(report.output) or None,
+        )
+        # The stock hook's own pair of lines, around this command's output.
+        return [
+            f"{hook_log_date(report.started)}: execute {report.what} {report.phase}",
+            *report.output,
+            f"{hook_log_date(when)}: {report.what} finished with status={report.status}",
+        ]
 
     def _render_cycle_finished(self, when: float, report: CycleReport) -> list[str]:
         result = "ok" if report.ok else "failed"

@@ -47,11 +47,16 @@ def request(
                 f"cannot reach the qgafreeze daemon at {path}: {exc.strerror or exc}"
                 " (is it running? see: systemctl status qgafreeze.socket qgafreeze.service)"
             ) from None
+        reader = protocol.LineReader(sock)
         try:
             sock.sendall(protocol.encode({"op": op}))
         except OSError as exc:
-            raise Unreachable(f"the daemon at {path} closed the connection: {exc}") from None
-        reader = protocol.LineReader(sock)
+            # The daemon may have refused us (forbidden, busy) before reading the request:
+            # its answer says why, so read it before giving up.
+            try:
+                return protocol.parse_reply(reader.read_line(time.monotonic() + CONNECT_TIMEOUT))
+            except ProtocolError:
+                raise Unreachable(f"the daemon at {path} closed the connection: {exc}") from None
         reply = protocol.parse_reply(reader.read_line(time.monotonic() + ACCEPT_TIMEOUT))
         if reply.get("accepted"):
             if on_accepted is not None:

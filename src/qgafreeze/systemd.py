@@ -159,6 +159,67 @@ class SystemdManager:
     def start(self, units: Sequence[str], deadline: float) -> None:
         self._run_jobs("StartUnit", "start", units, deadline)
 
+    def freeze(self, units: Sequence[str], deadline: float) -> None:
+        self._freezer("FreezeUnit", "frozen", units, deadline)
+
+    def thaw(self, units: Sequence[str], deadline: float) -> None:
+        self._freezer("ThawUnit", "running", units, deadline)
+
+    def _freezer(self, method: str, wanted: str, units: Sequence[str], deadline: float) -> None:
+        """FreezeUnit/ThawUnit answer once the cgroup freezer is done; check it says so."""
+        failures = []
+        for unit in units:
+            try:
+                self._call(
+                    MANAGER_PATH,
+                    MANAGER_IFACE,
+                    method,
+                    GLib.Variant("(s)", (unit,)),
+                    None,
+                    deadline,
+                    unit,
+                )
+                state = self._property(unit, "FreezerState", deadline)
+            except UnitError as exc:
+                failures.append(_freezer_hint(exc.message))
+                continue
+            if state != wanted:
+                failures.append(f"{unit}: FreezerState is {state!r} after {method}, not {wanted!r}")
+        if failures:
+            raise UnitError("; ".join(failures))
+
+    def kill(self, unit: str, whom: str, signal: int, deadline: float) -> None:
+        self._call(
+            MANAGER_PATH,
+            MANAGER_IFACE,
+            "KillUnit",
+            GLib.Variant("(ssi)", (unit, whom, signal)),
+            None,
+            deadline,
+            unit,
+        )
+
+    def _property(self, unit: str, name: str, deadline: float) -> Any:
+        (path,) = self._call(
+            MANAGER_PATH,
+            MANAGER_IFACE,
+            "LoadUnit",
+            GLib.Variant("(s)", (unit,)),
+            "(o)",
+            deadline,
+            unit,
+        )
+        (value,) = self._call(
+            path,
+            PROPERTIES_IFACE,
+            "Get",
+            GLib.Variant("(ss)", (UNIT_IFACE, name)),
+            "(v)",
+            deadline,
+            unit,
+        )
+        return value
+
     def _run_jobs(self, method: str, verb: str, units: Sequence[str], deadline: float) -> None:
         """Queue one job per unit (so they run side by side), then wait for all of them."""
         jobs: dict[str, str] = {}
@@ -199,6 +260,16 @@ class SystemdManager:
                     pending = ", ".join(u for j, u in jobs.items() if j not in results)
                     raise ActionTimeout(f"{pending}: {verb} did not finish in time")
                 self._jobs.wait(remaining)
+
+
+def _freezer_hint(message: str) -> str:
+    lowered = message.lower()
+    if "unknownmethod" in lowered or "unknown method" in lowered or "not supported" in lowered:
+        return (
+            f"{message} (mode: freeze needs systemd 246 or later and the unified cgroup"
+            " hierarchy, cgroup v2; use mode: stop on this system)"
+        )
+    return message
 
 
 def _deadline(seconds: float) -> float:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from qgafreeze.actions import StepReport
 from qgafreeze.engine import AppOutcome, CycleReport
 from qgafreeze.errors import ActionTimeout, UnitError, UnitNotFound
 from qgafreeze.units import UnitState
@@ -67,6 +68,21 @@ class FakeSystemd:
         if failures:
             raise UnitError("; ".join(failures))
 
+    def freeze(self, units: Sequence[str], deadline: float) -> None:
+        for unit in units:
+            self._record("freeze", unit)
+            self.active[unit] = "active (frozen)"
+
+    def thaw(self, units: Sequence[str], deadline: float) -> None:
+        for unit in units:
+            self._record("thaw", unit)
+            self.active[unit] = "active"
+
+    def kill(self, unit: str, whom: str, signal: int, deadline: float) -> None:
+        if unit not in self.active:
+            raise UnitNotFound(f"{unit}: no such unit")
+        self._record(f"kill {signal} {whom}", unit)
+
     def calls(self, what: str) -> list[str]:
         with self.lock:
             return [unit for kind, unit in self.log if kind == what]
@@ -80,6 +96,7 @@ class RecordingEvents:
     finished: list[AppOutcome] = field(default_factory=list)
     cycles: list[CycleReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    steps: list[tuple[str, StepReport]] = field(default_factory=list)
     cycle_done: threading.Event = field(default_factory=threading.Event)
 
     def app_started(self, cycle: str, phase: str, app: str) -> None:
@@ -94,3 +111,6 @@ class RecordingEvents:
 
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None:
         self.problems.append(message)
+
+    def step_finished(self, cycle: str, app: str, report: StepReport) -> None:
+        self.steps.append((app, report))

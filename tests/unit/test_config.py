@@ -71,7 +71,7 @@ apps:
     )
     assert found == [
         "settings.freeze_timout: unknown key (allowed: freeze_timeout, thaw_timeout, max_frozen,"
-        " hook_log, socket, agent_state_file)",
+        " hook_log, socket, agent_state_file, legacy_hooks, legacy_hook_timeout)",
         "apps.shop.on_failure: expected one of abort, continue, got string 'maybe'",
         "apps.shop.timeout: expected a duration such as 500ms, 30s, 2m or 1h, got 'soon'",
         "apps.shop.depends_on[0]: unknown app 'mariadbx'",
@@ -80,7 +80,8 @@ apps:
 
 def test_unknown_app_key_is_an_error_not_ignored():
     assert problems("apps:\n  db:\n    units: [a]\n    timout: 3s\n") == [
-        "apps.db.timout: unknown key (allowed: units, depends_on, timeout, on_failure)"
+        "apps.db.timout: unknown key (allowed: preset, units, mode, session, freeze, thaw,"
+        " depends_on, timeout, on_failure)"
     ]
 
 
@@ -140,7 +141,9 @@ def test_unsupported_version_is_refused():
 
 
 def test_an_app_needs_an_action():
-    assert problems("apps:\n  a: {}\n") == ["apps.a: no action: add 'units: [name.service]'"]
+    assert problems("apps:\n  a: {}\n") == [
+        "apps.a: no action: add units, session, freeze or thaw steps, or a preset"
+    ]
 
 
 def test_top_level_must_be_a_mapping():

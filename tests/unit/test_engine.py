@@ -313,11 +313,11 @@ class StuckAction:
         return []
 
     def quiesce(self, ctx) -> None:
-        ctx.restore.append("stuck.service")
+        ctx.undo("stuck").append("stuck.service")
         self.release.wait(10)
 
     def resume(self, ctx) -> None:
-        self.resumed.append(list(ctx.restore))
+        self.resumed.append(list(ctx.undo("stuck")))
 
 
 def test_action_stuck_past_its_deadline_is_abandoned_and_rolled_back():

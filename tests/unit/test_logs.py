@@ -32,6 +32,7 @@ def outcome(result: str = "ok", **kw: Any) -> AppOutcome:
         duration_ms=612,
         output=("stopping mariadb.service", "mariadb.service: stopped"),
         units=("mariadb.service",),
+        actions=("units",),
     )
     defaults.update(kw)
     return AppOutcome(**defaults)

@@ -176,6 +176,8 @@ def _connect_as_nobody(path: str) -> str:
                 outcome = json.dumps(shim.request("ping", path))
             except Unreachable as exc:
                 outcome = "unreachable: " + exc.message
+            except Exception as exc:  # reported to the parent, which shows it on failure
+                outcome = f"error: {exc!r}"
             os.write(write_end, outcome.encode())
         finally:
             os._exit(0)
@@ -198,7 +200,9 @@ def test_non_root_peer_is_refused_even_when_the_socket_is_open(served):
     path, _, problems = served
     os.chmod(os.path.dirname(path), 0o755)
     os.chmod(path, 0o666)  # a misconfigured socket: the credential check must still refuse
-    reply = json.loads(_connect_as_nobody(path))
+    seen = _connect_as_nobody(path)
+    assert seen.startswith("{"), seen
+    reply = json.loads(seen)
     assert reply["error"]["code"] == "forbidden"
     assert any("uid 65534" in m for m in problems.messages)
 
