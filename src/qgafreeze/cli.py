@@ -13,9 +13,11 @@ import sys
 from typing import Any, NoReturn
 
 from . import __version__
+from .actions import build_actions
 from .config import DEFAULT_CONFIG_PATH, Config, format_duration, load_file
 from .errors import ConfigError, QgafreezeError
 from .planner import PhasePlan, build_plan
+from .units import NoManager
 
 EXIT_USAGE = 64
 
@@ -123,16 +125,16 @@ def render_plan(config: Config, freeze: PhasePlan, thaw: PhasePlan) -> str:
                 waits = phase.predecessors(name)
                 lines.append(f"    {name}" + (f"  (waits for {', '.join(waits)})" if waits else ""))
     lines.append("")
-    lines.append("apps:")
+    lines.append("apps (what each does on freeze, in order; thaw undoes it in reverse):")
+    actions = build_actions(config.apps, NoManager(), config.settings.legacy_hook_timeout)
     for app in config.apps:
+        preset = f", preset {app.preset}" if app.preset else ""
         lines.append(
-            f"  {app.name}: timeout {format_duration(app.timeout)}, on failure {app.on_failure}"
+            f"  {app.name}: timeout {format_duration(app.timeout)}, on failure"
+            f" {app.on_failure}{preset}"
         )
-        lines.append(
-            f"    freeze: stop {', '.join(app.units)} if running (and the sockets, paths and"
-            " timers that would start them again)"
-        )
-        lines.append("    thaw: start what the freeze stopped")
+        for number, line in enumerate(actions[app.name].describe(), 1):
+            lines.append(f"    {number}. {line}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
+
+from .errors import BusError
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,12 @@ class UnitManager(Protocol):
     def kill(self, unit: str, whom: str, signal: int, deadline: float) -> None:
         """Send a signal to the unit's processes (whom: all, main or control)."""
         ...
+
+
+class NoManager:
+    """For building actions only to describe them (``qgafreeze check``): never talks to systemd."""
+
+    def _refuse(self, *args: object) -> NoReturn:
+        raise BusError("not connected to systemd (this is a dry run)")
+
+    unit_state = start = stop = freeze = thaw = kill = _refuse

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from container import Container, unmet_preconditions
+from helpers import PREFIX
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
 REPO_ROOT = INTEGRATION_DIR.parents[1]
@@ -65,3 +66,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"WARNING: INTEGRATION TIER SKIPPED: {reason}", red=True, bold=True
         )
+
+
+@pytest.fixture(scope="session")
+def installed(container: Container) -> Container:
+    """The container after the README's `make install` (PREFIX=/opt: /usr is read-only there)."""
+    result = container.run(f"make -C /src install PREFIX={PREFIX}", timeout=180)
+    assert "qgafreeze.socket is enabled" in result.stdout, result.stdout
+    return container

@@ -1,0 +1,233 @@
+"""Held database sessions, cgroup freeze, signals and legacy hook scripts against the real
+systemd, a real MariaDB and a real PostgreSQL in the container, driven through the shim."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+from container import Container
+from helpers import DATE, active, configure, hook, hook_log, status
+
+MARIADB_UNIT = """[Service]
+Type=notify
+User=mysql
+ExecStart=/usr/sbin/mariadbd --no-defaults --datadir=/var/lib/mysql \\
+  --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid --skip-networking
+"""
+POSTGRES_UNIT = """[Service]
+User=postgres
+ExecStart=/usr/lib/postgresql/15/bin/postgres -D /var/lib/qgft-pg -k /run/postgresql \\
+  -c listen_addresses=
+"""
+
+
+def eventually(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+# runuser and su need PAM, whose configuration the container's nearly empty /etc lacks.
+AS_POSTGRES = "setpriv --reuid=postgres --regid=postgres --init-groups --"
+
+
+def system_user(name: str, home: str) -> str:
+    # No /etc/login.defs in the container: useradd makes no user group by itself.
+    return (
+        f"(getent group {name} >/dev/null || groupadd -r {name}) &&"
+        f" (id {name} >/dev/null 2>&1 || useradd -r -g {name} -M -d {home} -s /bin/sh {name})"
+    )
+
+
+@pytest.fixture(scope="module")
+def mariadb(installed: Container) -> Container:
+    c = installed
+    c.run(
+        system_user("mysql", "/var/lib/mysql")
+        + " && mkdir -p /var/lib/mysql /run/mysqld && chown mysql:mysql /var/lib/mysql /run/mysqld"
+        " && mariadb-install-db --no-defaults --user=mysql --datadir=/var/lib/mysql"
+        " --auth-root-authentication-method=socket --skip-test-db --force >/dev/null",
+        timeout=120,
+    )
+    # (--force above: the container's host name does not resolve, which only matters to the
+    # default grants that install-db writes for remote hosts.)
+    c.install_unit("qgft-mariadb.service", MARIADB_UNIT)
+    c.run(["systemctl", "start", "qgft-mariadb.service"], timeout=120)
+    c.run(
+        "mariadb -e 'CREATE DATABASE IF NOT EXISTS qgft;"
+        " CREATE TABLE IF NOT EXISTS qgft.t (id INT PRIMARY KEY) ENGINE=InnoDB'"
+    )
+    return c
+
+
+@pytest.fixture(scope="module")
+def postgres(installed: Container) -> Container:
+    c = installed
+    c.run(
+        system_user("postgres", "/var/lib/postgresql")
+        + " && mkdir -p /var/lib/postgresql /var/lib/qgft-pg /run/postgresql"
+        " && chown postgres:postgres /var/lib/postgresql /var/lib/qgft-pg /run/postgresql"
+        f" && {AS_POSTGRES} /usr/lib/postgresql/15/bin/initdb -D /var/lib/qgft-pg >/dev/null",
+        timeout=120,
+    )
+    c.install_unit("qgft-postgres.service", POSTGRES_UNIT)
+    c.run(["systemctl", "start", "qgft-postgres.service"])
+    assert eventually(
+        lambda: c.run(f"{AS_POSTGRES} psql -Xc 'select 1'", check=False).returncode == 0
+    )
+    return c
+
+
+# The preset's client, matched on its whole command line (an argv list: no shell to match too).
+SESSION = ["pgrep", "-f", "^mariadb --batch --skip-column-names --unbuffered$"]
+
+
+def test_held_mariadb_session_blocks_writes_while_frozen_and_releases_them_on_thaw(mariadb):
+    c = mariadb
+    configure(c, "version: 1\napps:\n  db: {preset: mariadb, timeout: 60s}\n")
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    # Reads go on; a write waits for the global read lock.
+    assert c.run("mariadb -N -e 'SELECT COUNT(*) FROM qgft.t'").returncode == 0
+    blocked = c.run("timeout 2 mariadb -e 'INSERT INTO qgft.t VALUES (1)'", check=False)
+    assert blocked.returncode == 124, blocked
+    writer = c.popen("mariadb -e 'INSERT INTO qgft.t VALUES (2)'")
+    time.sleep(0.5)
+    assert writer.poll() is None  # still waiting on the lock
+    assert status(c)["paused_apps"] == ["db"]
+    assert c.run(SESSION).stdout.split(), "no held mariadb session"
+
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert writer.wait(30) == 0  # the waiting write completed once the lock was released
+    assert c.run("mariadb -N -e 'SELECT id FROM qgft.t WHERE id=2'").stdout.strip() == "2"
+    assert c.run(SESSION, check=False).returncode == 1  # the session is gone
+    assert "UNLOCK" not in hook_log(c)  # what the session was sent is not logged
+
+
+def test_held_postgresql_session_spans_the_freeze_and_saves_the_backup_label(postgres):
+    c = postgres
+    psql = f"{AS_POSTGRES} psql -XAtc 'SELECT checkpoints_req FROM pg_stat_bgwriter'"
+    before = int(c.run(psql).stdout)
+    c.run("rm -f /var/lib/postgresql/qgafreeze-backup_label")
+    configure(c, "version: 1\napps:\n  pg: {preset: postgresql, timeout: 60s}\n")
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert int(c.run(psql).stdout) > before
+    # The backup is in progress in the held session: pg_backup_stop there succeeds at thaw.
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    label = c.run(["cat", "/var/lib/postgresql/qgafreeze-backup_label"]).stdout
+    assert "START WAL LOCATION" in label
+    assert "LABEL: qgafreeze" in label
+
+
+def test_cgroup_frozen_unit_stops_making_progress_and_resumes(installed):
+    c = installed
+    c.install_unit(
+        "qgft-tick.service",
+        "[Service]\nExecStart=/bin/sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/qgft-tick;"
+        " sleep 0.05; done'\n",
+    )
+    c.run(["systemctl", "restart", "qgft-tick.service"])
+    configure(c, "version: 1\napps:\n  tick: {units: [qgft-tick], mode: freeze}\n")
+
+    def tick() -> int:
+        return int(c.run(["cat", "/run/qgft-tick"]).stdout or 0)
+
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert c.run(
+        ["systemctl", "show", "-p", "FreezerState", "--value", "qgft-tick"]
+    ).stdout.strip() == ("frozen")
+    assert active(c, "qgft-tick.service") == ["active"]  # paused, not stopped
+    first = tick()
+    time.sleep(0.5)
+    assert tick() == first
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert eventually(lambda: tick() > first, timeout=5)
+    assert c.run(
+        ["systemctl", "show", "-p", "FreezerState", "--value", "qgft-tick"]
+    ).stdout.strip() == ("running")
+
+
+def test_signal_step_reaches_the_units_processes(installed):
+    c = installed
+    c.install_unit(
+        "qgft-flush.service",
+        '[Service]\nExecStart=/bin/sh -c \'trap "echo flushed >> /run/qgft-flushed" USR1;'
+        " while :; do sleep 0.1; done'\n",
+    )
+    c.run(["systemctl", "restart", "qgft-flush.service"])
+    c.run(["rm", "-f", "/run/qgft-flushed"])
+    configure(
+        c,
+        "version: 1\napps:\n  flush:\n"
+        "    freeze: [{signal: USR1, units: [qgft-flush], whom: main}]\n",
+    )
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert eventually(
+        lambda: c.run(["cat", "/run/qgft-flushed"], check=False).stdout == "flushed\n"
+    )
+    assert hook(c, "thaw")[0] == 0
+
+
+@pytest.fixture
+def legacy_dir(installed: Container) -> Iterator[str]:
+    directory = "/etc/qemu/fsfreeze-hook.d"
+    c = installed
+    c.run(["rm", "-rf", directory])
+    for name, body in (
+        ("10-first.sh", 'echo "first $1"'),
+        ("20-second.sh", 'echo "second $1"'),
+        ("20-second.sh.dpkg-old", "exit 9"),
+    ):
+        c.write_file(f"{directory}/{name}", f"#!/bin/sh\n{body}\n", mode=0o755)
+    yield directory
+    c.run(["rm", "-rf", directory])
+
+
+def test_legacy_hook_scripts_keep_running_with_the_stock_log_lines(installed, legacy_dir):
+    c = installed
+    configure(c, f"version: 1\nsettings: {{legacy_hooks: {legacy_dir}}}\napps: {{}}\n")
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+    log = hook_log(c)
+    calls = re.findall(rf"^{DATE}: execute ({legacy_dir}/\S+) (freeze|thaw)$", log, re.M)
+    assert calls == [
+        (f"{legacy_dir}/10-first.sh", "freeze"),
+        (f"{legacy_dir}/20-second.sh", "freeze"),
+        (f"{legacy_dir}/20-second.sh", "thaw"),
+        (f"{legacy_dir}/10-first.sh", "thaw"),
+    ]
+    assert re.search(rf"^{DATE}: {legacy_dir}/20-second.sh finished with status=0$", log, re.M)
+    assert "first freeze\n" in log and "second thaw\n" in log
+    assert "dpkg-old" not in log
+
+
+def test_failing_legacy_script_fails_the_freeze_through_the_hook(installed, legacy_dir):
+    c = installed
+    c.write_file(
+        f"{legacy_dir}/15-broken.sh",
+        '#!/bin/sh\n[ "$1" = thaw ] && exit 0\necho broken >&2\nexit 2\n',
+        mode=0o755,
+    )
+    configure(c, f"version: 1\nsettings: {{legacy_hooks: {legacy_dir}}}\napps: {{}}\n")
+    code, out = hook(c, "freeze")
+    assert code == 1
+    assert "15-broken.sh freeze exited with status 2" in out
+    assert status(c)["paused_apps"] == []
+    # The scripts that ran for the freeze were thawed again, in reverse.
+    log = hook_log(c)
+    assert re.findall(rf"^{DATE}: execute {legacy_dir}/(\S+) thaw$", log, re.M) == [
+        "15-broken.sh",
+        "10-first.sh",
+    ]
