@@ -656,7 +656,7 @@ def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
     session = _session(problems, f"{path}.session", raw["session"]) if "session" in raw else None
     freeze = _steps(problems, f"{path}.freeze", raw.get("freeze"))
     thaw = _steps(problems, f"{path}.thaw", raw.get("thaw"))
-    if not any(key in raw for key in ("units", "session", "freeze", "thaw")):
+    if not any(key in raw for key in ("units", "session", "freeze", "thaw", "preset")):
         problems.add(path, "no action: add units, session, freeze or thaw steps, or a preset")
 
     mode = raw.get("mode", "stop")

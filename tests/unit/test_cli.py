@@ -27,12 +27,24 @@ def write(tmp_path: Path, text: str) -> str:
 def test_check_explains_the_plan_with_parallel_steps():
     result = qgafreeze("check", "-c", str(REPO / "config" / "qgafreeze.yaml"))
     assert result.returncode == 0, result.stderr
-    assert "valid, 3 app(s)" in result.stdout
+    assert "valid, 4 app(s)" in result.stdout
     freeze = result.stdout.split("freeze:", 1)[1].split("thaw:", 1)[0]
     assert (
-        "step 1, in parallel:\n    shop\n    metrics\n  step 2:\n    mariadb  (waits for shop)"
-        in (freeze)
+        "step 1, in parallel:\n    shop\n    metrics\n    cache\n"
+        "  step 2:\n    mariadb  (waits for shop)"
+    ) in freeze
+
+
+def test_check_lists_every_action_of_every_app_in_order():
+    out = qgafreeze("check", "-c", str(REPO / "config" / "qgafreeze.yaml")).stdout
+    apps = out.split("apps (", 1)[1]
+    assert (
+        "mariadb: timeout 30s, on failure abort, preset mariadb\n    1. hold a session: mariadb"
+        in apps
     )
+    assert "metrics: timeout 10s, on failure continue\n    1. freeze the processes of" in apps
+    assert "    1. freeze step: send SIGUSR1 to cache.service (main)\n" in apps
+    assert "    3. thaw step: run sh -c" in apps
 
 
 def test_check_accepts_the_config_option_before_the_command_too(tmp_path):

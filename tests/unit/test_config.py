@@ -41,7 +41,10 @@ def test_durations_refuse_anything_else(text):
 
 def test_the_shipped_example_config_is_valid_and_uses_every_setting():
     config = load_file(str(REPO / "config" / "qgafreeze.yaml"))
-    assert [app.name for app in config.apps] == ["mariadb", "shop", "metrics"]
+    assert [app.name for app in config.apps] == ["mariadb", "shop", "metrics", "cache"]
+    assert config.app("mariadb").session is not None
+    assert config.app("metrics").mode == "freeze"
+    assert [s.kind for s in config.app("cache").freeze] == ["signal", "exec"]
     assert config.app("shop").depends_on == ("mariadb",)
     assert config.settings.hook_log == DEFAULT_HOOK_LOG
 
@@ -171,3 +174,65 @@ def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_file(str(tmp_path / "absent.yaml"))
     assert "cannot be read: No such file or directory" in str(caught.value)
+
+
+def test_a_preset_is_overridden_key_by_key_even_inside_the_session():
+    config = parse_text(
+        "apps:\n  db:\n    preset: mariadb\n    timeout: 5s\n"
+        "    session: {argv: [mariadb, --defaults-file=/etc/qgafreeze/my.cnf, --batch]}\n"
+    )
+    session = config.app("db").session
+    assert session is not None
+    assert session.argv == ("mariadb", "--defaults-file=/etc/qgafreeze/my.cnf", "--batch")
+    assert session.open.startswith("FLUSH TABLES WITH READ LOCK;")  # kept from the preset
+    assert config.app("db").timeout == 5
+
+
+@pytest.mark.parametrize("preset", ["mariadb", "mysql", "postgresql", "mongodb", "redis"])
+def test_every_preset_is_a_valid_app_on_its_own(preset):
+    app = parse_text(f"apps:\n  x: {{preset: {preset}}}\n").app("x")
+    assert app.preset == preset
+    assert app.session is not None or app.freeze
+
+
+def test_unknown_preset_is_named():
+    (found,) = problems("apps:\n  x: {preset: oracle}\n")
+    assert found.startswith("apps.x.preset: unknown preset string 'oracle' (known: mariadb")
+
+
+def test_steps_are_checked_one_by_one_with_their_paths():
+    found = problems(
+        "apps:\n  x:\n    freeze:\n"
+        "      - {exec: [a], shell: b}\n"
+        "      - {exec: []}\n"
+        "      - {signal: KILLALL, units: [a]}\n"
+        "      - {signal: USR1}\n"
+        "      - {shell: 'x', env: {1BAD: y}}\n"
+    )
+    assert found == [
+        "apps.x.freeze[0]: needs exactly one of exec (argv list), shell (command text), signal",
+        "apps.x.freeze[1].exec: expected a non-empty list: [program, arg, ...], got a list",
+        "apps.x.freeze[2].signal: expected a signal such as USR1, got string 'KILLALL'",
+        "apps.x.freeze[3].units: a signal needs the units whose processes get it",
+        "apps.x.freeze[4].env.1BAD: not a valid environment variable name",
+    ]
+
+
+def test_signal_names_with_or_without_sig_prefix():
+    app = parse_text("apps:\n  x:\n    freeze: [{signal: sigusr2, units: [a]}]\n").app("x")
+    assert (app.freeze[0].signal, app.freeze[0].signal_name) == (12, "SIGUSR2")
+
+
+def test_mode_needs_units():
+    assert problems("apps:\n  x: {mode: freeze, freeze: [{exec: [a]}]}\n") == [
+        "apps.x.mode: applies to units; this app lists none"
+    ]
+
+
+def test_legacy_hooks_become_an_app_others_may_depend_on():
+    config = parse_text(
+        "settings: {legacy_hooks: /etc/qemu/fsfreeze-hook.d/}\n"
+        "apps:\n  db: {units: [db], depends_on: [legacy-hooks]}\n"
+    )
+    assert config.app("legacy-hooks").legacy_hooks == "/etc/qemu/fsfreeze-hook.d"
+    assert config.app("db").depends_on == ("legacy-hooks",)
