@@ -43,6 +43,10 @@ def _ignore_problem(message: str) -> None:
     pass
 
 
+def _no_checkpoint() -> None:
+    pass
+
+
 @dataclass
 class ActionContext:
     """One app's part of one phase."""
@@ -55,6 +59,8 @@ class ActionContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
     step: Callable[[StepReport], None] = _ignore_step
     problem: Callable[[str], None] = _ignore_problem
+    # Saves the record outside the process; called after noting what to undo, before pausing.
+    checkpoint: Callable[[], None] = _no_checkpoint
 
     def undo(self, key: str) -> list[Any]:
         return self.record.setdefault(key, [])
@@ -116,6 +122,7 @@ class UnitsAction:
         if self._freeze:
             if running and not ctx.cancelled.is_set():
                 undo.extend(running)
+                ctx.checkpoint()
                 ctx.output.append(f"freezing {', '.join(running)}")
                 self._manager.freeze(running, ctx.deadline)
                 ctx.output.append(f"{', '.join(running)}: frozen")
@@ -125,6 +132,7 @@ class UnitsAction:
             if not batch or ctx.cancelled.is_set():
                 continue
             undo.extend(batch)  # before the stop: a timed-out stop must still be undone
+            ctx.checkpoint()
             ctx.output.append(f"stopping {', '.join(batch)}")
             self._manager.stop(batch, ctx.deadline)
             ctx.output.append(f"{', '.join(batch)}: stopped")
@@ -187,6 +195,7 @@ class StepsAction:
     def quiesce(self, ctx: ActionContext) -> None:
         # Marked first: thaw steps undo whatever part of the freeze steps ran.
         ctx.undo(self.key).append("freeze steps started")
+        ctx.checkpoint()
         for step in self._freeze:
             if ctx.cancelled.is_set():
                 return
@@ -267,6 +276,7 @@ class SessionAction:
             self._session.argv, self._session.user, self._session.env, self._session.cwd, on_exit
         )
         undo.append(held.pid)
+        ctx.checkpoint()
         self._held = held
         try:
             held.send(self._session.open)
@@ -372,6 +382,7 @@ class LegacyHooksAction:
             if ctx.cancelled.is_set():
                 return
             undo.append(script)
+            ctx.checkpoint()
             self._run(script, "freeze", ctx)
 
     def resume(self, ctx: ActionContext) -> None:

@@ -24,6 +24,7 @@ from .errors import Busy, ConfigError, QgafreezeError
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
 from .planner import build_plan
 from .server import Peer, Send, Server, activated_listener, bind_listener, notify
+from .state import StateFile
 from .systemd import SystemdManager
 from .units import UnitManager
 
@@ -284,9 +285,25 @@ def run(config_path: str) -> int:
         )
     manager = SystemdManager()
     plan = build_plan(config)
+    state_file = StateFile()
+    saved = state_file.load()
     engine = Engine(
-        config, plan, build_actions(config.apps, manager, config.settings.legacy_hook_timeout), log
+        config,
+        plan,
+        build_actions(config.apps, manager, config.settings.legacy_hook_timeout),
+        log,
+        state_file=state_file,
     )
+    if state_file.error:
+        log.problem(state_file.error)
+    if saved is not None:
+        paused = engine.recover(saved)
+        if paused:
+            log.problem(
+                f"the previous daemon left cycle {engine.cycle} with paused apps:"
+                f" {', '.join(paused)}; the next thaw (or the watchdog) resumes them",
+                engine.cycle,
+            )
     guard.engine = engine
     listener = activated_listener()
     if listener is None:

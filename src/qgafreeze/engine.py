@@ -25,6 +25,7 @@ from .actions import Action, ActionContext, StepReport, record_is_empty
 from .config import Config
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .planner import PhasePlan, Plan, subset
+from .state import StateFile
 
 THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
 OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
@@ -96,8 +97,12 @@ class Engine:
         events: EventSink,
         clock: Clock = time.monotonic,
         abandon_grace: float = ABANDON_GRACE,
+        state_file: StateFile | None = None,
     ) -> None:
         self._config = config
+        self._state_file = state_file
+        self._save_lock = threading.Lock()
+        self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
         self._abandon_grace = abandon_grace
         self._plan = plan
         self._actions = actions
@@ -137,6 +142,10 @@ class Engine:
             "cycle": self._cycle,
             "frozen_since": self._frozen_at if self._state == FROZEN else None,
             "paused_apps": self.paused_apps,
+            "watchdog_in_s": None
+            if self._watchdog_at is None
+            else max(0, round(self._watchdog_at - time.time())),
+            "state_file_error": self._state_file.error if self._state_file else None,
             "apps": list(self._config.app_names),
             "last": None
             if last is None
@@ -202,6 +211,7 @@ class Engine:
         started = self._clock()
         self._cycle = uuid.uuid4().hex[:12]
         self._state = FREEZING
+        self._save()
         report = CycleReport(op="freeze", cycle=self._cycle, reason=reason)
         phase_deadline = started + self._config.settings.freeze_timeout
 
@@ -254,6 +264,7 @@ class Engine:
         return report
 
     def _finish(self, report: CycleReport) -> None:
+        self._save()
         self._last = report
         self._events.cycle_finished(report)
 
@@ -268,6 +279,7 @@ class Engine:
         outcome = self._run_action(app, ctx, self._actions[app].quiesce, cycle, phase)
         if record_is_empty(record) and outcome.result == OK:
             del self._paused[app]  # nothing was paused (all its units were already stopped)
+        self._save()
         return outcome
 
     def _context(
@@ -285,6 +297,7 @@ class Engine:
             cancelled=cancel,
             step=lambda report: events.step_finished(cycle, app, report),
             problem=lambda message: events.problem(message, cycle),
+            checkpoint=self._save,
         )
 
     def _resume_app(
@@ -294,6 +307,7 @@ class Engine:
         outcome = self._run_action(app, ctx, self._actions[app].resume, cycle, phase)
         if outcome.result == OK:
             self._paused.pop(app, None)
+        self._save()
         return outcome
 
     def _run_action(
@@ -423,12 +437,50 @@ class Engine:
                         halted_by = app
         return [done[a] for a in phase.order if a in done]
 
+    # -- state kept outside the process ----------------------------------------------------------
+
+    def _save(self) -> None:
+        """Write what is paused to the state file; called before anything is paused, and after
+        every change.  tmpfs: this never waits on a frozen disk."""
+        if self._state_file is None:
+            return
+        with self._save_lock:
+            snapshot = {
+                "state": self._state,
+                "cycle": self._cycle,
+                "frozen_at": self._frozen_at,
+                "watchdog_at": self._watchdog_at,
+                "paused": {
+                    app: {k: list(v) for k, v in r.items()} for app, r in self._paused.items()
+                },
+            }
+            self._state_file.save(snapshot)
+
+    def recover(self, saved: Mapping[str, Any]) -> list[str]:
+        """Take over the cycle a previous daemon left (it crashed or was killed).  Returns the
+        paused apps; a thaw resumes them, and the watchdog keeps its original deadline."""
+        paused = saved.get("paused") or {}
+        known = {app: record for app, record in paused.items() if app in self._actions}
+        for app in sorted(set(paused) - set(known)):
+            self._events.problem(f"{app}: paused by the previous daemon but no longer configured")
+        self._paused = {app: {k: list(v) for k, v in r.items()} for app, r in known.items()}
+        self._cycle = str(saved.get("cycle") or "")
+        self._frozen_at = float(saved.get("frozen_at") or 0.0)
+        if self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):
+            self._state = FROZEN
+            watchdog_at = saved.get("watchdog_at")
+            if isinstance(watchdog_at, (int, float)):
+                self._arm_watchdog(max(0.0, watchdog_at - time.time()))
+        self._save()
+        return self.paused_apps
+
     # -- watchdog ------------------------------------------------------------------------------
 
-    def _arm_watchdog(self) -> None:
-        limit = self._config.settings.max_frozen
-        if limit <= 0:
+    def _arm_watchdog(self, after: float | None = None) -> None:
+        limit = self._config.settings.max_frozen if after is None else after
+        if self._config.settings.max_frozen <= 0:
             return
+        self._watchdog_at = time.time() + limit
         cancel = threading.Event()
         self._watchdog_cancel = cancel
         cycle = self._cycle
@@ -437,7 +489,9 @@ class Engine:
             if cancel.wait(limit):  # one timed wait, no polling
                 return
             self._events.problem(
-                f"no thaw within max_frozen ({limit:g}s): resuming every paused app", cycle
+                f"no thaw within max_frozen ({self._config.settings.max_frozen:g}s):"
+                " resuming every paused app",
+                cycle,
             )
             try:
                 self.thaw(reason="watchdog", wait=self._config.settings.thaw_timeout)
@@ -447,6 +501,7 @@ class Engine:
         threading.Thread(target=fire, name="watchdog", daemon=True).start()
 
     def _disarm_watchdog(self) -> None:
+        self._watchdog_at = None
         if self._watchdog_cancel is not None:
             self._watchdog_cancel.set()
             self._watchdog_cancel = None

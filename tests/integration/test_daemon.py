@@ -298,6 +298,32 @@ def test_apps_resume_when_qemu_ga_leaves_frozen_state_without_a_thaw_hook(three_
     assert hook(c, "thaw")[0] == 0  # the late thaw, if it ever comes, is harmless
 
 
+def test_a_daemon_killed_while_frozen_is_restarted_and_its_successor_resumes_the_apps(three_apps):
+    c = three_apps
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    cycle = cycle_of(out)
+    old_pid = status(c)["pid"]
+    c.run(["systemctl", "kill", "-s", "KILL", "qgafreeze.service"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # Restart=on-failure, RestartSec=1s
+        pid = c.run(["systemctl", "show", "-p", "MainPID", "--value", "qgafreeze"]).stdout.strip()
+        if pid not in ("0", str(old_pid)) and active(c, "qgafreeze.service") == ["active"]:
+            break
+        time.sleep(0.2)
+    now = status(c)
+    assert now["pid"] != old_pid
+    assert (now["state"], now["cycle"], now["paused_apps"]) == (
+        "frozen",
+        cycle,
+        ["db", "cache", "web"],
+    )
+    assert active(c, *THREE_UNITS) == ["inactive"] * 3
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+
+
 def test_the_daemon_imports_nothing_while_a_cycle_runs(three_apps):
     c = three_apps
     assert hook(c, "freeze")[0] == 0

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Callable
 
 from qgafreeze.actions import StepReport
 from qgafreeze.engine import AppOutcome, CycleReport
@@ -30,6 +31,7 @@ class FakeSystemd:
     log: list[tuple[str, str]] = field(default_factory=list)  # ("stop"|"start"|"stopped"|..., unit)
     started_stop: dict[str, threading.Event] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_stop: Callable[[Sequence[str]], None] | None = None  # sees each stop before it happens
 
     def unit_state(self, unit: str, deadline: float) -> UnitState:
         if unit not in self.active:
@@ -41,6 +43,8 @@ class FakeSystemd:
             self.log.append((what, unit))
 
     def stop(self, units: Sequence[str], deadline: float) -> None:
+        if self.on_stop is not None:
+            self.on_stop(units)
         for unit in units:
             self._record("stop", unit)
             self.started_stop.setdefault(unit, threading.Event()).set()

@@ -1,0 +1,98 @@
+"""A daemon that died mid-cycle: what the next one finds under /run, and what it does with it."""
+
+from __future__ import annotations
+
+import json
+
+from fakes import FakeSystemd, RecordingEvents
+
+from qgafreeze.actions import build_actions
+from qgafreeze.config import parse_config
+from qgafreeze.engine import FROZEN, THAWED, Engine
+from qgafreeze.planner import build_plan
+from qgafreeze.state import StateFile
+
+APPS = {"db": {"units": ["db"]}, "web": {"units": ["web"], "depends_on": ["db"]}}
+
+
+def daemon(systemd: FakeSystemd, state: StateFile, **settings) -> tuple[Engine, RecordingEvents]:
+    config = parse_config({"apps": APPS, "settings": settings})
+    events = RecordingEvents()
+    engine = Engine(
+        config, build_plan(config), build_actions(config.apps, systemd), events, state_file=state
+    )
+    return engine, events
+
+
+def test_what_to_undo_is_saved_before_the_unit_is_stopped(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    systemd = FakeSystemd({"db.service": "active", "web.service": "active"})
+    seen_before_stop = []
+    systemd.on_stop = lambda units: seen_before_stop.append(
+        json.loads((tmp_path / "state.json").read_text())["paused"]
+    )
+    engine, _ = daemon(systemd, state)
+    engine.freeze()
+    assert seen_before_stop[0] == {"web": {"units": ["web.service"]}}
+    assert seen_before_stop[1]["db"] == {"units": ["db.service"]}
+
+
+def test_a_new_daemon_resumes_what_the_killed_one_paused(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    systemd = FakeSystemd({"db.service": "active", "web.service": "active"})
+    first, _ = daemon(systemd, state)
+    cycle = first.freeze().cycle
+    # The first daemon is gone (SIGKILL); a new one reads the state it left.
+    second, _ = daemon(systemd, state)
+    assert second.recover(state.load() or {}) == ["db", "web"]
+    assert second.state == FROZEN and second.cycle == cycle
+    report = second.thaw()
+    assert report.ok and report.cycle == cycle
+    assert systemd.active == {"db.service": "active", "web.service": "active"}
+    assert json.loads((tmp_path / "state.json").read_text())["paused"] == {}
+
+
+def test_the_watchdog_deadline_survives_a_restart(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    systemd = FakeSystemd({"db.service": "active", "web.service": "active"})
+    first, _ = daemon(systemd, state, max_frozen="300ms")
+    first.freeze()
+    # The new daemon sees the units as the dead one left them: stopped.  (The old engine's
+    # own timer acts on its own table above, not on this one.)
+    after_crash = FakeSystemd({"db.service": "inactive", "web.service": "inactive"})
+    second, events = daemon(after_crash, state, max_frozen="1h")
+    saved = state.load() or {}
+    assert saved["watchdog_at"] is not None
+    second.recover(saved)
+    assert events.cycle_done.wait(5), "the watchdog did not fire at the original deadline"
+    assert events.cycles[-1].reason == "watchdog"
+    assert second.state == THAWED
+    assert after_crash.active == {"db.service": "active", "web.service": "active"}
+
+
+def test_a_state_left_by_a_finished_cycle_changes_nothing(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    systemd = FakeSystemd({"db.service": "active", "web.service": "active"})
+    first, _ = daemon(systemd, state)
+    first.freeze()
+    first.thaw()
+    second, _ = daemon(systemd, state)
+    assert second.recover(state.load() or {}) == []
+    assert second.state == THAWED
+
+
+def test_an_unreadable_state_file_is_ignored_and_said(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    state = StateFile(str(path))
+    assert state.load() is None
+    assert "ignoring unreadable cycle state" in state.error
+
+
+def test_an_app_no_longer_configured_is_reported_not_fatal(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    state.save({"state": FROZEN, "cycle": "c1", "paused": {"gone": {"units": ["x.service"]}}})
+    systemd = FakeSystemd({"db.service": "active", "web.service": "active"})
+    engine, events = daemon(systemd, state)
+    assert engine.recover(state.load() or {}) == []
+    assert any("gone: paused by the previous daemon" in p for p in events.problems)
