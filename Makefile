@@ -16,9 +16,9 @@ SHELL := /bin/sh
 
 # What the tests need from the distribution, and the same for dnf systems.
 DEB_TEST_PKGS = python3-pydbus python3-systemd python3-yaml python3-pytest python3-venv \
-	systemd-container dbus mariadb-server mariadb-client postgresql
+	systemd-container dbus mariadb-server mariadb-client postgresql python3-hypothesis
 RPM_TEST_PKGS = python3-pydbus python3-systemd python3-pyyaml python3-pytest systemd-container \
-	mariadb-server postgresql-server
+	mariadb-server postgresql-server python3-hypothesis
 DEB_RUNTIME_PKGS = python3-yaml python3-pydbus python3-systemd
 RPM_RUNTIME_PKGS = python3-pyyaml python3-pydbus python3-systemd
 

@@ -224,12 +224,22 @@ class _Problems:
         self.items.append(f"{path}: {message}" if path else message)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def join_path(path: str, key: Any) -> str:
+    """``apps.db``, or ``apps['a b']`` for a key that would not read as one."""
+    if isinstance(key, str) and _PLAIN_KEY.match(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
 def _check_keys(
     problems: _Problems, path: str, data: dict[Any, Any], allowed: tuple[str, ...]
 ) -> None:
     for key in data:
         if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
+            where = join_path(path, key)
             problems.add(where, f"unknown key (allowed: {', '.join(allowed)})")
 
 
@@ -474,7 +484,7 @@ def _env(problems: _Problems, path: str, value: Any) -> tuple[tuple[str, str], .
     pairs = []
     for key, item in value.items():
         if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-            problems.add(f"{path}.{key}", "not a valid environment variable name")
+            problems.add(join_path(path, key), "not a valid environment variable name")
         elif isinstance(item, bool) or not isinstance(item, (str, int, float)):
             problems.add(f"{path}.{key}", f"expected a string, got {_kind(item)}")
         else:
@@ -634,7 +644,7 @@ def _steps(problems: _Problems, path: str, raw: Any) -> tuple[Step, ...]:
 
 
 def _parse_app(problems: _Problems, name: Any, raw: Any) -> App | None:
-    path = f"apps.{name}"
+    path = join_path("apps", name)
     if not isinstance(name, str) or not _APP_NAME.match(name):
         problems.add(
             path,
