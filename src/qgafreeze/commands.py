@@ -215,6 +215,7 @@ class HeldSession:
         self._recent: deque[str] = deque(maxlen=20)
         self._new_line = threading.Condition()
         self._closed = False
+        self._eof = threading.Event()  # the drain thread has read everything the session wrote
         self._on_exit = on_exit
         self._expected_exit = False
         threading.Thread(target=self._drain, name=f"session-{self.pid}", daemon=True).start()
@@ -234,6 +235,7 @@ class HeldSession:
                 self._new_line.notify_all()
             if not data:
                 break
+        self._eof.set()
         returncode = self._process.wait()
         os.close(self._master)
         if not self._expected_exit:
@@ -303,6 +305,7 @@ class HeldSession:
             raise ActionTimeout(
                 "session did not exit after its close text; killed with its process group"
             ) from None
+        self._eof.wait(1.0)  # its last words, for the logs (bounded: a grandchild may hold the pty)
         return _status(self._process.returncode)
 
     def kill(self) -> None:
