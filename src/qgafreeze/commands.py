@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .config import SAFE_PATH
 from .errors import ActionTimeout, QgafreezeError
 
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KILL_GRACE = 2.0  # between SIGTERM and SIGKILL of a process group
 OUTPUT_LINES = 200  # kept per command for the logs; the rest is counted, not stored
 LINE_LIMIT = 2000

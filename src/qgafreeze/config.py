@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -858,4 +859,62 @@ def load_file(path: str) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [f"not UTF-8 text (byte {exc.start})"]) from None
-    return parse_text(text, path)
+    config = parse_text(text, path)
+    insecure = insecure_programs(config)
+    if insecure:
+        raise ConfigError(path, insecure)
+    return config
+
+
+# Commands run with this PATH; a bare program name in the config is found the same way.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _writable_by_others(path: str) -> str | None:
+    """Why ``path`` (after symlinks) or a directory above it could be changed by non-root."""
+    real = os.path.realpath(path)
+    candidate = real
+    while True:
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            return None  # missing: running it fails with a clear message instead
+        reason = check_file_permissions(candidate, st)
+        if reason and not (candidate != real and st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+            return f"{candidate} is {reason}"
+        parent = os.path.dirname(candidate)
+        if parent == candidate:
+            return None
+        candidate = parent
+
+
+def insecure_programs(config: Config) -> list[str]:
+    """Programs and hook scripts the daemon would run as root that someone else could change.
+
+    As sshd and sudo do with their files: the config is root's only if what it runs is too.
+    """
+    checks: list[tuple[str, str]] = []
+    for app in config.apps:
+        base = join_path("apps", app.name)
+        if app.session is not None and app.session.argv:
+            checks.append((f"{base}.session.argv[0]", app.session.argv[0]))
+        for phase, steps in (("freeze", app.freeze), ("thaw", app.thaw)):
+            for index, step in enumerate(steps):
+                if step.kind == "exec" and step.argv:
+                    checks.append((f"{base}.{phase}[{index}].exec[0]", step.argv[0]))
+    legacy = config.settings.legacy_hooks
+    if legacy:
+        checks.append(("settings.legacy_hooks", legacy))
+        try:
+            names = sorted(os.listdir(legacy))
+        except OSError:
+            names = []
+        checks.extend(("settings.legacy_hooks", os.path.join(legacy, n)) for n in names)
+    problems = []
+    for where, program in checks:
+        resolved = program if "/" in program else shutil.which(program, path=SAFE_PATH)
+        if resolved:
+            reason = _writable_by_others(resolved)
+            if reason:
+                problems.append(f"{where}: refused: {reason}")
+    return problems
