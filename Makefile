@@ -16,7 +16,8 @@ SHELL := /bin/sh
 
 # What the tests need from the distribution, and the same for dnf systems.
 DEB_TEST_PKGS = python3-pydbus python3-systemd python3-yaml python3-pytest python3-venv \
-	systemd-container dbus mariadb-server mariadb-client postgresql python3-hypothesis
+	systemd-container dbus mariadb-server mariadb-client postgresql python3-hypothesis \
+	qemu-system-x86 qemu-utils debootstrap e2fsprogs
 RPM_TEST_PKGS = python3-pydbus python3-systemd python3-pyyaml python3-pytest systemd-container \
 	mariadb-server postgresql-server python3-hypothesis
 DEB_RUNTIME_PKGS = python3-yaml python3-pydbus python3-systemd
@@ -29,7 +30,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration test install uninstall check
+.PHONY: help deps lint unit integration e2e demo test install uninstall check
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -37,6 +38,8 @@ help:
 	@echo "make lint         ruff check src tests; mypy src"
 	@echo "make unit         unit tests only"
 	@echo "make integration  integration tests only (needs root)"
+	@echo "make e2e          end-to-end tests in a real VM with qemu-ga (needs root)"
+	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
@@ -91,9 +94,17 @@ unit:
 integration:
 	PYTHONPATH=src $(PYTHON) -m pytest -q tests/integration
 
-# One pytest run for both tiers, so that the run ends on a single summary line.
+# A real VM (QEMU, software CPU) with the real qemu-ga; the first run builds the guest image.
+e2e:
+	PYTHONPATH=src $(PYTHON) -m pytest -q tests/e2e
+
+# One backup of a MariaDB guest through real qemu-ga, printed as a timeline.
+demo:
+	PYTHONPATH=src $(PYTHON) tests/e2e/demo.py
+
+# One pytest run for every tier, so that the run ends on a single summary line.
 test: deps lint
-	PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit tests/integration
+	PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit tests/integration tests/e2e
 
 check:
 	PYTHONPATH=src $(PYTHON) -m qgafreeze check -c config/qgafreeze.yaml

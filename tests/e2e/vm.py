@@ -566,14 +566,22 @@ class VM:
         `make install` does): the wait rides over the agent's absence.
         """
         command = ["/bin/sh", "-c", argv] if isinstance(argv, str) else list(argv)
-        # systemd expands $VAR and $$ in ExecStart= when it runs it; pass argv through as is.
-        escaped = [word.replace("$", "$$") for word in command]
         unit = f"qgf-{secrets.token_hex(4)}"
-        out, err, rc, go = (f"/run/{unit}.{ext}" for ext in ("log", "err", "rc", "go"))
+        out, err, rc, go, run, post = (
+            f"/run/{unit}.{ext}" for ext in ("log", "err", "rc", "go", "run", "post")
+        )
         deadline = time.monotonic() + timeout
+        # The command and the exit-status recorder go in script files, so that no unit
+        # property holds a $: systemd expands $ in Exec lines, and a daemon-reload (which
+        # make install does) re-reads transient units with different escaping.
+        self.qga.write_file(run, ("exec " + shlex.join(command) + "\n").encode())
         # --collect unloads the unit as soon as it ends, with its exit status: ExecStopPost
         # (which systemd gives the main process's result) writes it down first.
-        record = f'echo "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS" > {rc}.tmp && mv {rc}.tmp {rc}'
+        self.qga.write_file(
+            post,
+            f'echo "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS" > {rc}.tmp'
+            f" && mv {rc}.tmp {rc}\n".encode(),
+        )
         # The command waits for our go: were it to restart qemu-ga before the agent had told us
         # how systemd-run ended, that answer would be lost with the agent.
         gate = f"while [ ! -e {go} ]; do sleep 0.1; done"
@@ -589,9 +597,10 @@ class VM:
                 f"--property=StandardOutput=file:{out}",
                 f"--property=StandardError=file:{err}",
                 f"--property=ExecStartPre=/bin/sh -c {shlex.quote(gate)}",
-                f"--property=ExecStopPost=/bin/sh -c {shlex.quote(record)}",
+                f"--property=ExecStopPost=/bin/sh {post}",
                 "--",
-                *escaped,
+                "/bin/sh",
+                run,
             ],
             timeout=min(timeout, 120.0),
         )
@@ -623,7 +632,7 @@ class VM:
         stdout = self.qga.read_file(out).decode("utf-8", errors="replace")
         stderr = self.qga.read_file(err).decode("utf-8", errors="replace")
         with contextlib.suppress(QGAError, QGATimeout, ConnectionError):
-            self.qga.exec(["rm", "-f", out, err, rc, go], timeout=30.0)
+            self.qga.exec(["rm", "-f", out, err, rc, go, run, post], timeout=30.0)
         return ExecResult(exitcode=_unit_exitcode(status), stdout=stdout, stderr=stderr)
 
     def _check_running(self) -> None:

@@ -324,6 +324,51 @@ def test_a_daemon_killed_while_frozen_is_restarted_and_its_successor_resumes_the
     assert active(c, *THREE_UNITS) == ["active"] * 3
 
 
+def test_watchdog_resumes_apps_when_no_thaw_arrives_and_says_so_loudly(three_apps):
+    c = three_apps
+    configure(c, THREE_APPS.replace("max_frozen: 0", "max_frozen: 2s"))
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    deadline = time.monotonic() + 30
+    while active(c, *THREE_UNITS) != ["active"] * 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    warnings = c.journal(SYSLOG_IDENTIFIER="qgafreeze", QGAFREEZE_CYCLE=cycle_of(out))
+    assert any("max_frozen" in r["MESSAGE"] and int(r["PRIORITY"]) <= 4 for r in warnings)
+    assert "max_frozen" in hook_log(c)
+    assert hook(c, "thaw")[0] == 0  # qemu-ga's late thaw still succeeds
+
+
+def test_a_shim_killed_mid_request_leaves_the_cycle_to_finish_and_the_thaw_works(three_apps):
+    c = three_apps
+    shim = c.popen([HOOK, "freeze"])
+    time.sleep(0.3)  # the daemon is stopping units (0.5 s each)
+    shim.kill()
+    shim.wait(10)
+    deadline = time.monotonic() + 20
+    while status(c)["state"] != "frozen" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status(c)["state"] == "frozen"
+    assert hook(c, "thaw")[0] == 0
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+
+
+def test_the_cycle_completes_with_journald_stopped(three_apps):
+    c = three_apps
+    c.run(
+        "systemctl stop systemd-journald.socket systemd-journald-dev-log.socket"
+        " systemd-journald-audit.socket systemd-journald.service",
+        check=False,
+    )
+    try:
+        assert hook(c, "freeze")[0] == 0
+        assert hook(c, "thaw")[0] == 0
+        assert active(c, *THREE_UNITS) == ["active"] * 3
+        assert "qgafreeze:web finished with status=0" in hook_log(c)
+    finally:
+        c.run(["systemctl", "start", "systemd-journald.socket", "systemd-journald.service"])
+
+
 def test_the_daemon_imports_nothing_while_a_cycle_runs(three_apps):
     c = three_apps
     assert hook(c, "freeze")[0] == 0

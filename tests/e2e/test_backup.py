@@ -1,0 +1,200 @@
+"""A backup as a backup service takes it: the real qemu-ga in a real VM runs qgafreeze's hook,
+MariaDB is quiesced, the disk is snapshotted while frozen, and the snapshot is booted to prove
+what it holds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from guest import (
+    MARIADB_APP,
+    NO_APPS,
+    SESSION_APP,
+    acks,
+    app_records,
+    backup,
+    configure,
+    crash_recovery_lines,
+    install,
+    mariadb_active,
+    qgafreeze_status,
+    sh,
+    start_load,
+    start_watcher,
+    stop_load,
+    stop_watcher,
+    wait_for,
+    wait_for_acks,
+)
+from vm import VM, QGAError
+
+HOOK = "/usr/libexec/qgafreeze/fsfreeze-hook"
+
+
+@pytest.fixture(scope="module")
+def guest(vm_factory) -> VM:
+    vm = vm_factory(name="guest")
+    install(vm)
+    conf = sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+    assert f"fsfreeze-hook={HOOK}" in conf
+    configure(vm, MARIADB_APP)
+    wait_for(vm, "systemctl is-active mariadb.service")
+    return vm
+
+
+@pytest.fixture
+def mariadb_guest(guest: VM) -> VM:
+    configure(guest, MARIADB_APP)
+    sh(guest, "truncate -s0 /var/log/qga-fsfreeze-hook.log; systemctl start mariadb.service")
+    wait_for(guest, "systemctl is-active mariadb.service")
+    return guest
+
+
+def test_mariadb_is_down_for_the_whole_frozen_window_and_back_after_thaw(mariadb_guest):
+    vm = mariadb_guest
+    start_watcher(vm)
+    wait_for(vm, "test $(wc -l < /run/qgf-watch.log) -ge 3")
+    run = backup(vm, frozen_seconds=5)
+    assert run.frozen >= 1
+    wait_for(vm, "systemctl is-active mariadb.service")
+    samples = stop_watcher(vm)
+
+    cycle = qgafreeze_status(vm)["cycle"]
+    records = {(r["QGAFREEZE_APP"], r["QGAFREEZE_PHASE"]): r for r in app_records(vm, cycle)}
+    assert set(records) == {("mariadb", "freeze"), ("mariadb", "thaw")}
+    for record in records.values():
+        assert record["QGAFREEZE_RESULT"] == "ok"
+        assert record["QGAFREEZE_UNIT"] == "mariadb.service"
+        assert record["SYSLOG_IDENTIFIER"] == "qgafreeze"
+    stopped = int(records[("mariadb", "freeze")]["__REALTIME_TIMESTAMP"]) * 1000
+    thaw = records[("mariadb", "thaw")]
+    restarting = (
+        int(thaw["__REALTIME_TIMESTAMP"]) * 1000 - int(thaw["QGAFREEZE_DURATION_MS"]) * 10**6
+    )
+    # The hook stopped MariaDB before qemu-ga froze, and started it only after the thaw.
+    assert stopped <= run.freeze_returned
+    assert restarting >= run.thaw_sent - 10**9  # host/guest clock comparison: 1 s of slack
+    window = [s for s in samples if run.freeze_returned <= s[0] <= run.thaw_sent]
+    assert len(window) >= 5, samples
+    # Down, and no client could start it again through mariadb.socket, the whole window.
+    assert all(state != "active" and client == "out" for _, state, client in window), window
+    assert samples[-1][1] == "active"
+
+    log = sh(vm, "cat /var/log/qga-fsfreeze-hook.log").stdout
+    assert re.search(r": execute qgafreeze:mariadb freeze$", log, re.M), log
+    assert re.search(r": execute qgafreeze:mariadb thaw$", log, re.M), log
+    assert len(re.findall(r": qgafreeze:mariadb finished with status=0$", log, re.M)) == 2, log
+
+
+def _restore(vm_factory, frozen: Path) -> VM:
+    restored = vm_factory(disk=frozen, name="restored")
+    wait_for(restored, "systemctl is-active mariadb.service", timeout=600)
+    return restored
+
+
+def test_restored_snapshot_holds_every_acknowledged_insert_without_crash_recovery(
+    mariadb_guest, vm_factory, tmp_path
+):
+    vm = mariadb_guest
+    start_load(vm, first_id=1_000_000)
+    wait_for_acks(vm, 20)
+    run = backup(vm, snapshot_to=tmp_path / "after-qgafreeze.qcow2")
+    wait_for(vm, "systemctl is-active mariadb.service")
+    wait_for_acks(vm, len(acks(vm)) + 5)  # the load goes on after the thaw
+    stop_load(vm)
+    # MariaDB was stopped cleanly before the freeze and started after the thaw: every insert
+    # acknowledged before the thaw was sent is in the snapshot.
+    acknowledged = {i for t, i in acks(vm) if t < run.thaw_sent}
+    assert len(acknowledged) >= 20
+
+    restored = _restore(vm_factory, run.snapshot)
+    rows = {int(x) for x in sh(restored, "mariadb -N -e 'SELECT id FROM qgf.acks'").stdout.split()}
+    assert acknowledged <= rows
+    assert crash_recovery_lines(restored) == []
+    check = sh(restored, "mariadb -N -e 'CHECK TABLE qgf.acks'").stdout
+    assert check.split()[-1] == "OK", check
+    restored.shutdown()
+
+
+def test_held_mariadb_session_snapshot_holds_every_acknowledged_insert_and_passes_check(
+    mariadb_guest, vm_factory, tmp_path
+):
+    # The preset: FLUSH TABLES WITH READ LOCK held in one session across the freeze.
+    vm = mariadb_guest
+    configure(vm, SESSION_APP)
+    start_load(vm, first_id=3_000_000)
+    wait_for_acks(vm, 20)
+    run = backup(vm, snapshot_to=tmp_path / "after-held-session.qcow2")
+    wait_for_acks(vm, len(acks(vm)) + 5)
+    stop_load(vm)
+    acked = acks(vm)
+    # No write got through while the lock was held over the frozen window.
+    assert not [i for t, i in acked if run.freeze_returned <= t <= run.thaw_sent]
+    acknowledged = {i for t, i in acked if t < run.freeze_sent}
+    assert len(acknowledged) >= 20
+    assert mariadb_active(vm)  # the server never stopped
+
+    restored = _restore(vm_factory, run.snapshot)
+    rows = {int(x) for x in sh(restored, "mariadb -N -e 'SELECT id FROM qgf.acks'").stdout.split()}
+    assert acknowledged <= rows
+    check = sh(restored, "mariadb -N -e 'CHECK TABLE qgf.acks'").stdout
+    assert check.split()[-1] == "OK", check
+    restored.shutdown()
+
+
+def test_without_quiesced_apps_the_restored_snapshot_needs_crash_recovery(
+    mariadb_guest, vm_factory, tmp_path
+):
+    # The same backup with no app declared: a filesystem freeze only. The snapshot is what a
+    # power cut leaves; InnoDB recovers it, which is exactly what qgafreeze spares.
+    vm = mariadb_guest
+    configure(vm, NO_APPS)
+    start_load(vm, first_id=2_000_000)
+    wait_for_acks(vm, 20)
+    run = backup(vm, snapshot_to=tmp_path / "after-fsfreeze-only.qcow2")
+    stop_load(vm)
+    before_freeze = {i for t, i in acks(vm) if t < run.freeze_sent - 2 * 10**8}
+    assert len(before_freeze) >= 20
+
+    restored = _restore(vm_factory, run.snapshot)
+    rows = {int(x) for x in sh(restored, "mariadb -N -e 'SELECT id FROM qgf.acks'").stdout.split()}
+    assert before_freeze <= rows  # InnoDB is crash-safe, but ...
+    assert crash_recovery_lines(restored), "expected InnoDB crash recovery in the restored copy"
+    restored.shutdown()
+
+
+def test_failing_app_fails_the_freeze_and_leaves_nothing_frozen_or_stopped(mariadb_guest):
+    vm = mariadb_guest
+    sh(
+        vm,
+        "printf '[Unit]\\nRefuseManualStop=yes\\n[Service]\\nExecStart=/bin/sleep infinity\\n'"
+        " > /etc/systemd/system/qgf-stubborn.service"
+        " && systemctl daemon-reload && systemctl start qgf-stubborn.service",
+    )
+    configure(vm, MARIADB_APP + "  stubborn:\n    units: [qgf-stubborn.service]\n")
+    with pytest.raises(QGAError) as caught:
+        vm.qga.fsfreeze_freeze()
+    assert "fsfreeze hook has failed with status 1" in caught.value.desc
+    assert vm.qga.fsfreeze_status() == "thawed"
+    wait_for(vm, "systemctl is-active mariadb.service qgf-stubborn.service")
+    assert qgafreeze_status(vm)["paused_apps"] == []
+
+
+def test_thaw_without_freeze_leaves_every_app_running(mariadb_guest):
+    vm = mariadb_guest
+    vm.qga.fsfreeze_thaw()
+    assert mariadb_active(vm)
+    assert "nothing to thaw" in sh(vm, "cat /var/log/qga-fsfreeze-hook.log").stdout
+
+
+def test_freeze_of_zero_filesystems_skips_the_thaw_hook_and_apps_still_come_back(mariadb_guest):
+    vm = mariadb_guest
+    # qemu-ga runs the freeze hook, freezes nothing, and never runs the thaw hook.
+    assert vm.qga.fsfreeze_freeze_list(["/nonexistent"]) == 0
+    assert vm.qga.fsfreeze_status() == "thawed"
+    wait_for(vm, "systemctl is-active mariadb.service", timeout=120)
+    last = qgafreeze_status(vm)["last"]
+    assert last["reason"] == "agent" and last["op"] == "thaw", last
