@@ -8,6 +8,7 @@ not silently fall back to a default during a production backup.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
@@ -71,6 +72,16 @@ class Settings:
     agent_state_file: str | None = DEFAULT_AGENT_STATE_FILE  # None: do not watch qemu-ga
     legacy_hooks: str | None = None  # an old fsfreeze-hook.d to run as one more app
     legacy_hook_timeout: float = 30.0  # per script
+    allowed_group: str | None = None  # its members may use the socket too; None: root only
+
+    @property
+    def allowed_gid(self) -> int | None:
+        if self.allowed_group is None:
+            return None
+        try:
+            return grp.getgrnam(self.allowed_group).gr_gid
+        except KeyError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -312,8 +323,21 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
             "agent_state_file",
             "legacy_hooks",
             "legacy_hook_timeout",
+            "allowed_group",
         ),
     )
+    allowed_group = None
+    if raw.get("allowed_group") is not None:
+        value = raw["allowed_group"]
+        if not isinstance(value, str) or not value:
+            problems.add("settings.allowed_group", f"expected a group name, got {_kind(value)}")
+        else:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                problems.add("settings.allowed_group", f"no such group {value!r}")
+            else:
+                allowed_group = value
     legacy_hooks = None
     if raw.get("legacy_hooks") is not None:
         value = raw["legacy_hooks"]
@@ -373,6 +397,7 @@ def _parse_settings(problems: _Problems, raw: Any) -> Settings:
         socket=socket,
         agent_state_file=agent_state_file,
         legacy_hooks=legacy_hooks,
+        allowed_group=allowed_group,
         legacy_hook_timeout=_duration(
             problems,
             "settings.legacy_hook_timeout",

@@ -88,6 +88,7 @@ class Daemon:
         # hook gets this explanation at once instead of a socket that never answers.
         self._config_error = config_error
         self._watch: AgentFlagWatch | None = None
+        self.server: Server | None = None  # set once built; reload updates who may ask
 
     def watch_agent(self, path: str) -> None:
         self._watch = AgentFlagWatch(path, self.agent_left_frozen_state)
@@ -197,6 +198,8 @@ class Daemon:
         else:
             self._config_error = None
             self._log.set_hook_log(config.settings.hook_log)
+            if self.server is not None:
+                self.server.allowed_gid = config.settings.allowed_gid
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
         notify(f"READY=1\nSTATUS={self._status_line()}")
 
@@ -307,10 +310,11 @@ def run(config_path: str) -> int:
     guard.engine = engine
     listener = activated_listener()
     if listener is None:
-        listener = bind_listener(config.settings.socket)
+        listener = bind_listener(config.settings.socket, config.settings.allowed_gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     if config.settings.agent_state_file:
         daemon.watch_agent(config.settings.agent_state_file)
-    server = Server(listener, daemon, log)
+    server = Server(listener, daemon, log, allowed_gid=config.settings.allowed_gid)
+    daemon.server = server
     _warm_up(log)
     return daemon.run(server)

@@ -58,8 +58,9 @@ def activated_listener() -> socket.socket | None:
     return sock
 
 
-def bind_listener(path: str) -> socket.socket:
-    """Bind the socket ourselves (no systemd socket unit): root-only directory and mode 0600."""
+def bind_listener(path: str, group: int | None = None) -> socket.socket:
+    """Bind the socket ourselves (no systemd socket unit): root-only directory and mode 0600,
+    or 0660 for ``group`` (and a directory others may only traverse) when one may ask too."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     try:
@@ -84,7 +85,12 @@ def bind_listener(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    if group is None:
+        os.chmod(path, 0o600)
+    else:
+        os.chown(path, 0, group)
+        os.chmod(path, 0o660)
+        os.chmod(directory, 0o711)
     sock.listen(128)
     return sock
 
@@ -93,6 +99,18 @@ def peer_of(conn: socket.socket) -> Peer:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def supplementary_groups(pid: int) -> set[int]:
+    """The peer's supplementary groups (SO_PEERCRED carries only the primary one)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def notify(message: str) -> None:
@@ -115,13 +133,13 @@ class Server:
         listener: socket.socket,
         handler: Handler,
         problems: Problems,
-        allowed_uids: frozenset[int] = frozenset({0}),
+        allowed_gid: int | None = None,
         request_timeout: float = protocol.REQUEST_TIMEOUT,
     ) -> None:
         self._listener = listener
         self._handler = handler
         self._problems = problems
-        self._allowed = allowed_uids
+        self.allowed_gid = allowed_gid  # members of this group may ask too; None: root only
         self._request_timeout = request_timeout
         self._clients = 0
         self._clients_lock = threading.Lock()
@@ -167,15 +185,22 @@ class Server:
             target=self._serve_client, args=(conn,), name="client", daemon=True
         ).start()
 
+    def _may_ask(self, peer: Peer) -> bool:
+        if peer.uid == 0:
+            return True
+        gid = self.allowed_gid
+        return gid is not None and (peer.gid == gid or gid in supplementary_groups(peer.pid))
+
     def _serve_client(self, conn: socket.socket) -> None:
         op: str | None = None
         try:
             peer = peer_of(conn)
-            if peer.uid not in self._allowed:
+            if not self._may_ask(peer):
+                who = "root" if self.allowed_gid is None else f"root and group {self.allowed_gid}"
                 self._problems.problem(
-                    f"refused a request from uid {peer.uid} (pid {peer.pid}): only root may ask"
+                    f"refused a request from uid {peer.uid} (pid {peer.pid}): only {who} may ask"
                 )
-                raise Forbidden("permission denied: only root may talk to qgafreeze")
+                raise Forbidden(f"permission denied: only {who} may talk to qgafreeze")
             line = protocol.LineReader(conn).read_line(time.monotonic() + self._request_timeout)
             request = protocol.parse_request(line)
             op = request["op"]

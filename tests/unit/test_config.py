@@ -74,7 +74,7 @@ apps:
     )
     assert found == [
         "settings.freeze_timout: unknown key (allowed: freeze_timeout, thaw_timeout, max_frozen,"
-        " hook_log, socket, agent_state_file, legacy_hooks, legacy_hook_timeout)",
+        " hook_log, socket, agent_state_file, legacy_hooks, legacy_hook_timeout, allowed_group)",
         "apps.shop.on_failure: expected one of abort, continue, got string 'maybe'",
         "apps.shop.timeout: expected a duration such as 500ms, 30s, 2m or 1h, got 'soon'",
         "apps.shop.depends_on[0]: unknown app 'mariadbx'",
@@ -273,3 +273,10 @@ def test_programs_found_on_the_safe_path_are_checked_and_accepted(tmp_path):
     path.write_text("apps:\n  a:\n    freeze: [{exec: [cat]}, {exec: [/bin/echo, x]}]\n")
     path.chmod(0o600)
     assert load_file(str(path)).app("a").freeze[1].argv == ("/bin/echo", "x")
+
+
+def test_allowed_group_must_exist():
+    assert problems("settings: {allowed_group: no-such-group-qgft}\n") == [
+        "settings.allowed_group: no such group 'no-such-group-qgft'"
+    ]
+    assert parse_text("settings: {allowed_group: root}\n").settings.allowed_gid == 0

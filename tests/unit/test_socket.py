@@ -207,6 +207,33 @@ def test_non_root_peer_is_refused_even_when_the_socket_is_open(served):
     assert any("uid 65534" in m for m in problems.messages)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_members_of_the_allowed_group_may_ask():
+    base = tempfile.mkdtemp(prefix="qgft-group-")
+    os.chmod(base, 0o755)
+    path = os.path.join(base, "run", "q.sock")
+    problems = Problems()
+    # nobody's primary group is 65534: allow that group.
+    server = Server(
+        bind_listener(path, group=65534), ScriptedHandler(), problems, allowed_gid=65534
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+        assert os.stat(path).st_gid == 65534
+        reply = json.loads(_connect_as_nobody(path))
+        assert reply["ok"] is True and reply["uid"] == 65534
+        server.allowed_gid = None  # as after a reload that removes the setting
+        assert json.loads(_connect_as_nobody(path))["error"]["code"] == "forbidden"
+    finally:
+        stop.set()
+        server.wake()
+        thread.join(5)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_second_daemon_refuses_to_steal_a_live_socket(served):
     path, _, _ = served
     with pytest.raises(Exception, match="already listening"):
