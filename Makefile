@@ -30,7 +30,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo test install uninstall check
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -40,6 +40,7 @@ help:
 	@echo "make integration  integration tests only (needs root)"
 	@echo "make e2e          end-to-end tests in a real VM with qemu-ga (needs root)"
 	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
+	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
@@ -85,7 +86,7 @@ deps:
 	printf '%s\n' "$$stamp" > "$(TOOLS)/.stamp"
 
 lint: deps
-	$(RUFF) check src tests
+	$(RUFF) check src tests bench
 	$(MYPY) src
 
 unit:
@@ -97,6 +98,12 @@ integration:
 # A real VM (QEMU, software CPU) with the real qemu-ga; the first run builds the guest image.
 e2e:
 	PYTHONPATH=src $(PYTHON) -m pytest -q tests/e2e
+
+# qgafreeze against the distribution's stock hook chain; rewrites docs/performance.{md,png}.
+bench: deps
+	@dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q "ok installed" || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-matplotlib
+	PYTHONPATH=src $(PYTHON) bench/compare.py
 
 # One backup of a MariaDB guest through real qemu-ga, printed as a timeline.
 demo:

@@ -94,6 +94,8 @@ def start_watcher(vm: VM) -> None:
 
 
 def stop_watcher(vm: VM) -> list[tuple[int, str, str]]:
+    """Stop sampling once the watcher itself has seen MariaDB active and taking clients."""
+    wait_for(vm, f"tail -n1 {WATCH_LOG} | grep -q ' active in$'", timeout=120, interval=0.5)
     sh(vm, "systemctl stop qgf-watch.service", check=False)
     samples = []
     for line in vm.qga.read_file(WATCH_LOG).decode().splitlines():
@@ -233,9 +235,9 @@ def render_timeline(events: list[tuple[int, str]], origin: int) -> str:
 
 
 def downtime_ns(samples: list[tuple[int, str, str]]) -> tuple[int, int]:
-    """(first sample not active, first active sample after it), guest ns."""
-    down = next(t for t, state, _ in samples if state != "active")
-    up = next(t for t, state, _ in samples if t > down and state == "active")
+    """(first sample not taking clients, first one taking them again after it), guest ns."""
+    down = next(t for t, _, client in samples if client != "in")
+    up = next(t for t, _, client in samples if t > down and client == "in")
     return down, up
 
 
