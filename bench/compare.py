@@ -135,7 +135,8 @@ def main() -> int:
         c.write_file(STOCK, hook_file.read_text(), mode=0o755)
         for delay in (0.0, 0.5):
             for n in sizes:
-                runs = 3 if n >= 50 or args.quick else 5
+                # The stock chain at N=200 with 0.5 s delays takes 200 s a phase: fewer runs.
+                runs = 3 if args.quick else 2 if n >= 200 else 3 if n >= 50 else 5
                 units = setup(c, n, delay, chain=False)
                 result: dict[str, list[tuple[float, float, float]]] = {"stock": [], "qgafreeze": []}
                 for _ in range(runs):  # interleaved, so drift hits both alike
@@ -155,7 +156,7 @@ def main() -> int:
         extras = footprint(c, quick=args.quick)
     finally:
         c.shutdown()
-    write_report(rows, extras)
+    write_report(rows, extras, quick=args.quick)
     return 0
 
 
@@ -199,7 +200,7 @@ def footprint(c: Container, quick: bool) -> dict[str, str]:
     }
 
 
-def write_report(rows: list, extras: dict[str, str]) -> None:
+def write_report(rows: list, extras: dict[str, str], quick: bool) -> None:
     lines = [
         "# Performance: qgafreeze against the stock hook chain",
         "",
@@ -211,6 +212,13 @@ def write_report(rows: list, extras: dict[str, str]) -> None:
         "Each unit's `ExecStop=` and `ExecStartPost=` sleep for the delay. Times in ms, median",
         "(min-max); ratio = stock / qgafreeze medians from the same run; floor = the critical",
         "path of the delays.",
+        "",
+        (
+            "This run: `bench/compare.py --quick` (N up to 50, 3 runs a point, 200 cycles for"
+            " the RSS figure); `make bench` adds N = 200 and 1000 cycles."
+            if quick
+            else "This run: `make bench` (5 runs a point below N = 50, 3 at 50, 2 at 200)."
+        ),
         "",
         "| delay | N | phase | floor | stock | qgafreeze | ratio | qgafreeze over floor |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
