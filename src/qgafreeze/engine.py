@@ -305,7 +305,9 @@ class Engine:
     ) -> AppOutcome:
         ctx = self._context(app, deadline, self._paused[app], cancel, cycle)
         outcome = self._run_action(app, ctx, self._actions[app].resume, cycle, phase)
-        if outcome.result == OK:
+        # Paused means something is left to undo: a failure that left nothing (a session that
+        # had died) is reported, not retried.
+        if outcome.result == OK or record_is_empty(ctx.record):
             self._paused.pop(app, None)
         self._save()
         return outcome
