@@ -110,25 +110,25 @@ class _Lines:
         return tuple(self.lines)
 
 
-def run(
+def _spawn(
     argv: Sequence[str],
-    deadline: float,
-    user: str | None = None,
-    env: Sequence[tuple[str, str]] = (),
-    cwd: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> Outcome:
-    """Run a command to completion by ``deadline``; its output (stdout and stderr) is returned.
-
-    On timeout the whole process group is killed and ActionTimeout raised.
-    """
+    user: str | None,
+    env: Sequence[tuple[str, str]],
+    cwd: str | None,
+    stdin: int,
+    output: int,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a child in its own process group, clean environment, as ``user``."""
     environ, home = environment(user, env)
+    for name, value in (extra_env or {}).items():
+        environ.setdefault(name, value)  # the config's env wins
     try:
-        process = subprocess.Popen(
-            [*argv, *extra_args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+        return subprocess.Popen(
+            list(argv),
+            stdin=stdin,
+            stdout=output,
+            stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
             env=environ,
             cwd=cwd or (home if os.path.isdir(home) else "/"),
             user=user,
@@ -137,6 +137,20 @@ def run(
         )
     except OSError as exc:
         raise CommandFailed(f"{argv[0]}: cannot run: {exc.strerror or exc}") from None
+
+
+def run(
+    argv: Sequence[str],
+    deadline: float,
+    user: str | None = None,
+    env: Sequence[tuple[str, str]] = (),
+    cwd: str | None = None,
+) -> Outcome:
+    """Run a command to completion by ``deadline``; its output (stdout and stderr) is returned.
+
+    On timeout the whole process group is killed and ActionTimeout raised.
+    """
+    process = _spawn(argv, user, env, cwd, subprocess.DEVNULL, subprocess.PIPE)
     assert process.stdout is not None
     lines = _Lines()
     fd = process.stdout.fileno()
@@ -189,24 +203,14 @@ class HeldSession:
         cwd: str | None,
         on_exit: Callable[[int], None],
     ) -> None:
-        environ, home = environment(user, env)
-        environ.setdefault("TERM", "dumb")
         master, slave = pty.openpty()
         try:
-            self._process = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.PIPE,
-                stdout=slave,
-                stderr=slave,
-                env=environ,
-                cwd=cwd or (home if os.path.isdir(home) else "/"),
-                user=user,
-                start_new_session=True,
-                close_fds=True,
+            self._process = _spawn(
+                argv, user, env, cwd, subprocess.PIPE, slave, extra_env={"TERM": "dumb"}
             )
-        except OSError as exc:
+        except CommandFailed:
             os.close(master)
-            raise CommandFailed(f"{argv[0]}: cannot run: {exc.strerror or exc}") from None
+            raise
         finally:
             os.close(slave)
         self.pid = self._process.pid

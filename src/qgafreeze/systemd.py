@@ -122,7 +122,7 @@ class SystemdManager:
             raise _translate(exc, method, unit) from None
         return tuple(reply.unpack()) if reply is not None else ()
 
-    def unit_state(self, unit: str, deadline: float) -> UnitState:
+    def _unit_path(self, unit: str, deadline: float) -> str:
         # LoadUnit, not GetUnit: GetUnit fails for a unit that exists but is not loaded right now.
         (path,) = self._call(
             MANAGER_PATH,
@@ -133,6 +133,10 @@ class SystemdManager:
             deadline,
             unit,
         )
+        return str(path)
+
+    def unit_state(self, unit: str, deadline: float) -> UnitState:
+        path = self._unit_path(unit, deadline)
         (props,) = self._call(
             path,
             PROPERTIES_IFACE,
@@ -200,15 +204,7 @@ class SystemdManager:
         )
 
     def _property(self, unit: str, name: str, deadline: float) -> Any:
-        (path,) = self._call(
-            MANAGER_PATH,
-            MANAGER_IFACE,
-            "LoadUnit",
-            GLib.Variant("(s)", (unit,)),
-            "(o)",
-            deadline,
-            unit,
-        )
+        path = self._unit_path(unit, deadline)
         (value,) = self._call(
             path,
             PROPERTIES_IFACE,
