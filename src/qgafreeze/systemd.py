@@ -31,6 +31,10 @@ DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
 
 JOB_MODE = "replace"  # a start replaces a pending stop of the same unit, which rollback relies on
 _REMEMBERED_JOBS = 4096  # JobRemoved results kept for waiters that have not asked yet
+# The system bus caps the replies one connection may await (dbus-daemon's
+# max_replies_per_connection, 128 by default); with hundreds of apps in parallel, calls beyond
+# it fail with LimitsExceeded.  Stay well below it.
+MAX_CALLS_IN_FLIGHT = 64
 
 _NOT_FOUND_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed"}
 
@@ -47,6 +51,7 @@ class SystemdManager:
                 f"cannot connect to the system bus at {address}: {exc.message}"
             ) from None
         self._con: Gio.DBusConnection = self._bus.con
+        self._in_flight = threading.BoundedSemaphore(MAX_CALLS_IN_FLIGHT)
         self._jobs = threading.Condition()
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._context = GLib.MainContext.new()
@@ -102,6 +107,23 @@ class SystemdManager:
         reply_type: str | None,
         deadline: float,
         unit: str | None = None,
+    ) -> tuple[Any, ...]:
+        if not self._in_flight.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ActionTimeout(f"{unit or method}: the bus was busy until the deadline")
+        try:
+            return self._call_now(path, iface, method, args, reply_type, deadline, unit)
+        finally:
+            self._in_flight.release()
+
+    def _call_now(
+        self,
+        path: str,
+        iface: str,
+        method: str,
+        args: GLib.Variant | None,
+        reply_type: str | None,
+        deadline: float,
+        unit: str | None,
     ) -> tuple[Any, ...]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

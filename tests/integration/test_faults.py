@@ -158,3 +158,27 @@ def test_hostile_clients_get_answers_while_a_freeze_runs_to_completion(two_apps)
     assert freeze.wait(60) == 0
     assert status(c)["state"] == "frozen"
     assert hook(c, "thaw")[0] == 0
+
+
+def test_two_hundred_apps_in_parallel_stay_within_the_bus_limits(installed):
+    # dbus-daemon lets one connection await at most 128 replies; 200 apps at once once hit it.
+    c = installed
+    units = [f"qgft-many-{i}.service" for i in range(200)]
+    c.run(
+        "".join(
+            f"printf '[Service]\\nExecStart=/bin/sleep infinity\\n' > /run/systemd/system/{u};"
+            for u in units
+        )
+        + " systemctl daemon-reload"
+    )
+    apps = "".join(f"  m{i}: {{units: [{u}]}}\n" for i, u in enumerate(units))
+    configure(c, f"version: 1\napps:\n{apps}", start=tuple(units))
+    try:
+        code, out = hook(c, "freeze")
+        assert code == 0, [line for line in out.splitlines() if "ok in" not in line][:5]
+        assert set(active(c, *units)) == {"inactive"}
+        assert hook(c, "thaw")[0] == 0
+        assert set(active(c, *units)) == {"active"}
+    finally:
+        hook(c, "thaw")
+        c.run(["systemctl", "stop", *units], check=False, timeout=120)
