@@ -23,7 +23,6 @@ from .errors import ProtocolError
 DEFAULT_SOCKET = "/run/qgafreeze/qgafreeze.sock"
 SOCKET_ENV = "QGAFREEZE_SOCKET"
 OPS = ("ping", "status", "freeze", "thaw")
-LONG_OPS = ("freeze", "thaw")
 MAX_LINE = 64 * 1024  # a request is a few dozen bytes; anything near this is hostile
 REQUEST_TIMEOUT = 5.0  # a client that connects must say what it wants within this
 

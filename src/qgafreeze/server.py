@@ -145,7 +145,6 @@ class Server:
         self._clients_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._stopping = False
 
     def wake(self) -> None:
         """Called from signal handlers: make serve() return to its caller's loop."""

@@ -89,13 +89,6 @@ class SystemdManager:
                 self._finished.popitem(last=False)
             self._jobs.notify_all()
 
-    def close(self) -> None:
-        self._loop.quit()
-        try:
-            self._con.close_sync(None)
-        except GLib.Error:
-            pass
-
     # -- calls ---------------------------------------------------------------------------------
 
     def _call(
@@ -110,25 +103,10 @@ class SystemdManager:
     ) -> tuple[Any, ...]:
         if not self._in_flight.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise ActionTimeout(f"{unit or method}: the bus was busy until the deadline")
-        try:
-            return self._call_now(path, iface, method, args, reply_type, deadline, unit)
-        finally:
-            self._in_flight.release()
-
-    def _call_now(
-        self,
-        path: str,
-        iface: str,
-        method: str,
-        args: GLib.Variant | None,
-        reply_type: str | None,
-        deadline: float,
-        unit: str | None,
-    ) -> tuple[Any, ...]:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ActionTimeout(f"{unit or method}: deadline passed before {method} was sent")
         try:
+            if remaining <= 0:
+                raise ActionTimeout(f"{unit or method}: deadline passed before {method} was sent")
             reply = self._con.call_sync(
                 BUS_NAME,
                 path,
@@ -142,6 +120,8 @@ class SystemdManager:
             )
         except GLib.Error as exc:
             raise _translate(exc, method, unit) from None
+        finally:
+            self._in_flight.release()
         return tuple(reply.unpack()) if reply is not None else ()
 
     def _unit_path(self, unit: str, deadline: float) -> str:
