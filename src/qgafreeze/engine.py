@@ -101,7 +101,12 @@ class Engine:
     ) -> None:
         self._config = config
         self._state_file = state_file
-        self._save_lock = threading.Lock()
+        # Guards ``_paused`` itself (app threads add and drop entries while a save copies it)
+        # and the group commit of saves below.
+        self._paused_lock = threading.Condition()
+        self._save_requested = 0  # tickets: each _save() call takes the next one
+        self._save_done = 0  # every ticket up to this one is on disk
+        self._saving = False
         self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
         self._abandon_grace = abandon_grace
         self._plan = plan
@@ -274,11 +279,13 @@ class Engine:
         self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
     ) -> AppOutcome:
         record: dict[str, list[Any]] = {}
-        self._paused[app] = record  # before anything is paused, so a failure is always undone
+        with self._paused_lock:  # before anything is paused, so a failure is always undone
+            self._paused[app] = record
         ctx = self._context(app, deadline, record, cancel, cycle)
         outcome = self._run_action(app, ctx, self._actions[app].quiesce, cycle, phase)
         if record_is_empty(record) and outcome.result == OK:
-            del self._paused[app]  # nothing was paused (all its units were already stopped)
+            with self._paused_lock:  # nothing was paused (all its units were already stopped)
+                del self._paused[app]
         self._save()
         return outcome
 
@@ -308,7 +315,8 @@ class Engine:
         # Paused means something is left to undo: a failure that left nothing (a session that
         # had died) is reported, not retried.
         if outcome.result == OK or record_is_empty(ctx.record):
-            self._paused.pop(app, None)
+            with self._paused_lock:
+                self._paused.pop(app, None)
         self._save()
         return outcome
 
@@ -346,7 +354,9 @@ class Engine:
         return outcome
 
     def _resume_paused(self, cycle: str, phase_name: str) -> list[AppOutcome]:
-        phase = subset(self._plan.thaw, set(self._paused))
+        with self._paused_lock:  # an abandoned worker may still be changing it
+            paused = set(self._paused)
+        phase = subset(self._plan.thaw, paused)
         deadline = self._clock() + self._config.settings.thaw_timeout
         return self._run_phase(phase, self._resume_app, deadline, lambda _o: False, phase_name)
 
@@ -377,7 +387,20 @@ class Engine:
         halted_by = ""
 
         def work(app: str, deadline: float, cancel: threading.Event) -> None:
-            outcome = step(app, deadline, cancel, cycle, label)
+            # Whatever happens, the runner hears back: a worker that died silently would hold
+            # the whole cycle until the app's deadline (minutes) for nothing.
+            try:
+                outcome = step(app, deadline, cancel, cycle, label)
+            except Exception as exc:
+                self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
+                outcome = AppOutcome(
+                    app,
+                    label,
+                    FAILED,
+                    0,
+                    f"internal error: {exc!r}",
+                    units=self._config.app(app).units,
+                )
             with wake:
                 finished.append((app, outcome))
                 wake.notify()
@@ -443,20 +466,46 @@ class Engine:
 
     def _save(self) -> None:
         """Write what is paused to the state file; called before anything is paused, and after
-        every change.  tmpfs: this never waits on a frozen disk."""
+        every change.  tmpfs: this never waits on a frozen disk.
+
+        Group commit: with hundreds of apps pausing at once, each caller needs *a* write that
+        started after its change, not a write of its own.  One caller writes while the others
+        wait; the next write, from a snapshot taken after all of them arrived, covers them all.
+        """
         if self._state_file is None:
             return
-        with self._save_lock:
-            snapshot = {
-                "state": self._state,
-                "cycle": self._cycle,
-                "frozen_at": self._frozen_at,
-                "watchdog_at": self._watchdog_at,
-                "paused": {
-                    app: {k: list(v) for k, v in r.items()} for app, r in self._paused.items()
-                },
-            }
-            self._state_file.save(snapshot)
+        with self._paused_lock:
+            self._save_requested += 1
+            ticket = self._save_requested
+            while self._save_done < ticket:
+                if self._saving:
+                    self._paused_lock.wait()
+                    continue
+                self._saving = True
+                covered = self._save_requested
+                snapshot = self._snapshot()
+                self._paused_lock.release()
+                try:
+                    self._state_file.save(snapshot)
+                finally:
+                    self._paused_lock.acquire()
+                    self._saving = False
+                    self._save_done = covered
+                    self._paused_lock.notify_all()
+
+    def _snapshot(self) -> dict[str, Any]:
+        # Called with _paused_lock held.  Actions change their own record (a dict of lists) in
+        # their threads; dict.copy() and list() copy in one step under the GIL, so the copy is
+        # never taken from a dict that is half-way through a change.
+        return {
+            "state": self._state,
+            "cycle": self._cycle,
+            "frozen_at": self._frozen_at,
+            "watchdog_at": self._watchdog_at,
+            "paused": {
+                app: {k: list(v) for k, v in r.copy().items()} for app, r in self._paused.items()
+            },
+        }
 
     def recover(self, saved: Mapping[str, Any]) -> list[str]:
         """Take over the cycle a previous daemon left (it crashed or was killed).  Returns the
@@ -465,7 +514,8 @@ class Engine:
         known = {app: record for app, record in paused.items() if app in self._actions}
         for app in sorted(set(paused) - set(known)):
             self._events.problem(f"{app}: paused by the previous daemon but no longer configured")
-        self._paused = {app: {k: list(v) for k, v in r.items()} for app, r in known.items()}
+        with self._paused_lock:
+            self._paused = {app: {k: list(v) for k, v in r.items()} for app, r in known.items()}
         self._cycle = str(saved.get("cycle") or "")
         self._frozen_at = float(saved.get("frozen_at") or 0.0)
         if self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 from fakes import FakeSystemd, RecordingEvents
 
@@ -96,3 +99,73 @@ def test_an_app_no_longer_configured_is_reported_not_fatal(tmp_path):
     engine, events = daemon(systemd, state)
     assert engine.recover(state.load() or {}) == []
     assert any("gone: paused by the previous daemon" in p for p in events.problems)
+
+
+def test_with_two_hundred_apps_stopping_at_once_each_is_saved_before_its_stop(tmp_path):
+    # Saves from apps pausing together share writes (group commit); none may be skipped, and
+    # copying the paused table while other apps change it must not break a save.
+    path = tmp_path / "state.json"
+    units = {f"u{i}.service": "active" for i in range(200)}
+    systemd = FakeSystemd(dict(units))
+    unsaved: list[str] = []
+
+    def check_saved(stopping: Sequence[str]) -> None:
+        paused = json.loads(path.read_text())["paused"]
+        saved = {unit for record in paused.values() for unit in record.get("units", [])}
+        unsaved.extend(unit for unit in stopping if unit not in saved)
+
+    systemd.on_stop = check_saved
+    apps = {f"a{i}": {"units": [f"u{i}.service"]} for i in range(200)}
+    config = parse_config({"apps": apps})
+    engine = Engine(
+        config,
+        build_plan(config),
+        build_actions(config.apps, systemd),
+        RecordingEvents(),
+        state_file=StateFile(str(path)),
+    )
+    for _ in range(3):
+        freeze = engine.freeze()
+        assert freeze.ok, freeze.error
+        assert len(json.loads(path.read_text())["paused"]) == 200
+        assert engine.thaw().ok
+        assert json.loads(path.read_text())["paused"] == {}
+    assert unsaved == []
+    assert systemd.active == units
+
+
+class StateFileFailingOnce(StateFile):
+    """Raises, once, on the n-th save: stands for any bug in the code around an action."""
+
+    def __init__(self, path: str, fail_on: int) -> None:
+        super().__init__(path)
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def save(self, data: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("injected")
+        super().save(data)
+
+
+def test_an_error_around_an_action_fails_that_app_at_once_and_rolls_back(tmp_path):
+    # Saves: 1 cycle start, 2 before db's stop, 3 after db's action (fails here), ...  A worker
+    # that died silently would leave the cycle waiting for the app's one-hour deadline.
+    state = StateFileFailingOnce(str(tmp_path / "state.json"), fail_on=3)
+    systemd = FakeSystemd({"db.service": "active"})
+    config = parse_config({"apps": {"db": {"units": ["db"], "timeout": "1h"}}})
+    events = RecordingEvents()
+    engine = Engine(
+        config, build_plan(config), build_actions(config.apps, systemd), events, state_file=state
+    )
+    reports = []
+    worker = threading.Thread(target=lambda: reports.append(engine.freeze()), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert reports, "the freeze waited for the app's deadline instead of failing the app"
+    assert not reports[0].ok
+    assert "internal error" in reports[0].apps[0].message
+    assert [o.result for o in reports[0].rollback] == ["ok"]
+    assert systemd.active == {"db.service": "active"}
+    assert "db: internal error" in events.problems
