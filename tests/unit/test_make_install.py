@@ -123,16 +123,20 @@ def test_install_byte_compiles_with_the_final_paths(installed: tuple[Path, str])
         assert str(destdir).encode() not in data
 
 
-@pytest.mark.parametrize(("wrapper", "module"), [(CLI, "cli"), (SHIM, "shim")])
+# The hook needs the standard library only, so it also skips site (-S): faster, and no .pth file
+# of some installed package runs inside qemu-ga's hook.
+@pytest.mark.parametrize(
+    ("wrapper", "module", "flags"), [(CLI, "cli", "-IB"), (SHIM, "shim", "-IBS")]
+)
 def test_wrappers_run_the_system_python_isolated_from_libdir(
-    installed: tuple[Path, str], wrapper: str, module: str
+    installed: tuple[Path, str], wrapper: str, module: str, flags: str
 ) -> None:
     destdir, _ = installed
 
     path = destdir / wrapper
     text = path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
-    assert text.splitlines()[0] == "#!/usr/bin/python3 -IB"
+    assert text.splitlines()[0] == f"#!/usr/bin/python3 {flags}"
     assert f'sys.path.insert(0, "/{LIB}")' in text
     assert f"from qgafreeze.{module} import main" in text
     assert "raise SystemExit(main())" in text
