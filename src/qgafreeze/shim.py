@@ -54,7 +54,7 @@ def request(
             ) from None
         reader = protocol.LineReader(sock)
         try:
-            sock.sendall(protocol.encode({"op": op}))
+            sock.sendall(protocol.encode_request(op))
         except OSError as exc:
             # The daemon may have refused us (forbidden, busy) before reading the request:
             # its answer says why, so read it before giving up.

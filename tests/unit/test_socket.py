@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qgafreeze import shim
+from qgafreeze import protocol, shim
 from qgafreeze.errors import ProtocolError, Unreachable
 from qgafreeze.server import Peer, Send, Server, bind_listener
 
@@ -313,3 +313,28 @@ def test_shim_imports_only_the_standard_library():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_shim_sends_its_request_before_it_needs_json():
+    # The request line is written without json, so the daemon starts while the shim is still
+    # loading json to read the answer.  Loading the shim must not load json.
+    import subprocess
+    import sys
+
+    code = "import sys; import qgafreeze.shim; print('json' in sys.modules)"
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    out = subprocess.run(
+        [sys.executable, "-IBS", "-c", f"import sys; sys.path.insert(0, {src!r}); {code}"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("op", ["ping", "status", "freeze", "thaw"])
+def test_request_line_written_without_json_is_json_the_daemon_accepts(op):
+    line = protocol.encode_request(op)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"op": op}
+    assert protocol.parse_request(line.rstrip(b"\n")) == {"op": op}
