@@ -42,6 +42,16 @@ ExecStop=/bin/sh -c 'date +%%s%%N > /run/b/%n.down; sleep {delay}'
 ExecStartPost=/bin/sh -c 'sleep {delay}; date +%%s%%N > /run/b/%n.up'
 TimeoutStopSec=60
 """
+# The best any client of systemd can do: every job queued at once by one systemctl.  What is left
+# between this and the declared floor is systemd's own work (fork, exec, signals, cgroups), which
+# the stock chain and qgafreeze pay alike.
+ALL_AT_ONCE = "/run/bench-systemctl-all"
+ALL_AT_ONCE_SCRIPT = """#!/bin/sh
+case "$1" in
+  freeze) exec systemctl stop {units} ;;
+  thaw) exec systemctl start {units} ;;
+esac
+"""
 HOOK_D = """#!/bin/sh
 case "$1" in
   freeze) systemctl stop {unit} ;;
@@ -83,6 +93,7 @@ def setup(c: Container, n: int, delay: float, chain: bool) -> list[str]:
         for i, u in enumerate(units)
     )
     c.run(script, timeout=120)
+    c.write_file(ALL_AT_ONCE, ALL_AT_ONCE_SCRIPT.format(units=" ".join(units)), mode=0o755)
     c.run(["systemctl", "daemon-reload"])
     apps = "".join(
         f"  a{i}: {{units: [{u}], timeout: 5m"
@@ -138,10 +149,15 @@ def main() -> int:
                 # The stock chain at N=200 with 0.5 s delays takes 200 s a phase: fewer runs.
                 runs = 3 if args.quick else 2 if n >= 200 else 3 if n >= 50 else 5
                 units = setup(c, n, delay, chain=False)
-                result: dict[str, list[tuple[float, float, float]]] = {"stock": [], "qgafreeze": []}
-                for _ in range(runs):  # interleaved, so drift hits both alike
+                result: dict[str, list[tuple[float, float, float]]] = {
+                    "stock": [],
+                    "qgafreeze": [],
+                    "systemd": [],
+                }
+                for _ in range(runs):  # interleaved, so drift hits all alike
                     result["stock"].append(cycle(c, [STOCK], units))
                     result["qgafreeze"].append(cycle(c, [SHIM], units))
+                    result["systemd"].append(cycle(c, [ALL_AT_ONCE], units))
                 rows.append((delay, n, result))
                 med = {
                     k: [statistics.median(x[i] for x in v) for i in range(3)]
@@ -150,7 +166,8 @@ def main() -> int:
                 print(
                     f"delay {delay}s N={n}: freeze stock {med['stock'][0]:.0f} ms,"
                     f" qgafreeze {med['qgafreeze'][0]:.0f} ms; thaw {med['stock'][1]:.0f} /"
-                    f" {med['qgafreeze'][1]:.0f} ms",
+                    f" {med['qgafreeze'][1]:.0f} ms; systemd alone {med['systemd'][0]:.0f} /"
+                    f" {med['systemd'][1]:.0f} ms",
                     flush=True,
                 )
         extras = footprint(c, quick=args.quick)
@@ -163,6 +180,8 @@ def main() -> int:
 def footprint(c: Container, quick: bool) -> dict[str, str]:
     setup(c, 1, 0.0, chain=False)
     ping = [timed_ms(c, [SHIM, "ping"]) for _ in range(20)]
+    # The least any Python hook costs: the interpreter as the shim starts it, doing nothing.
+    python = [timed_ms(c, ["/usr/bin/python3", "-IBS", "-c", "pass"]) for _ in range(20)]
     starts = []
     for _ in range(5):
         c.run(["systemctl", "stop", "qgafreeze.service"])
@@ -193,6 +212,7 @@ def footprint(c: Container, quick: bool) -> dict[str, str]:
     idle_ticks = cpu_ticks() - before
     return {
         "shim round trip, ping (ms)": stats(ping),
+        "of which `python3 -IBS -c pass` alone (ms)": stats(python),
         "daemon start to READY=1 (ms)": stats(starts),
         "daemon RSS idle (KiB)": str(rss_idle),
         f"daemon RSS after {cycles} cycles (KiB)": str(rss_after),
@@ -211,7 +231,10 @@ def write_report(rows: list, extras: dict[str, str], quick: bool) -> None:
         "installed shim and daemon, the same apps declared in YAML, independent of each other.",
         "Each unit's `ExecStop=` and `ExecStartPost=` sleep for the delay. Times in ms, median",
         "(min-max); ratio = stock / qgafreeze medians from the same run; floor = the critical",
-        "path of the delays.",
+        "path of the delays. *systemd alone* is one `systemctl stop` (or `start`) naming every",
+        "unit, so systemd runs all the jobs at once: the least any client can take. Between it",
+        "and the floor is systemd's own work per unit (forks, signals, cgroups), which the stock",
+        "chain and qgafreeze pay alike.",
         "",
         (
             "This run: `bench/compare.py --quick` (N up to 50, 3 runs a point, 200 cycles for"
@@ -220,18 +243,21 @@ def write_report(rows: list, extras: dict[str, str], quick: bool) -> None:
             else "This run: `make bench` (5 runs a point below N = 50, 3 at 50, 2 at 200)."
         ),
         "",
-        "| delay | N | phase | floor | stock | qgafreeze | ratio | qgafreeze over floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| delay | N | phase | floor | systemd alone | stock | qgafreeze | ratio |"
+        " qgafreeze over floor | over systemd alone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for delay, n, result in rows:
         for index, phase in enumerate(("freeze", "thaw", "per-app unavailability")):
             stock = [x[index] for x in result["stock"]]
             ours = [x[index] for x in result["qgafreeze"]]
+            alone = [x[index] for x in result["systemd"]]
             floor = delay * 1000 * (2 if index == 2 else 1)
-            over = statistics.median(ours) - floor
+            mine = statistics.median(ours)
             lines.append(
-                f"| {delay:g}s | {n} | {phase} | {floor:.0f} | {stats(stock)} | {stats(ours)} |"
-                f" {statistics.median(stock) / statistics.median(ours):.1f} | {over:+.0f} |"
+                f"| {delay:g}s | {n} | {phase} | {floor:.0f} | {stats(alone)} | {stats(stock)} |"
+                f" {stats(ours)} | {statistics.median(stock) / mine:.1f} | {mine - floor:+.0f} |"
+                f" {mine - statistics.median(alone):+.0f} |"
             )
     lines += ["", "| footprint | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in extras.items()]
@@ -250,11 +276,12 @@ def plot(rows: list) -> None:
     for axis, delay in zip(axes, (0.0, 0.5)):
         picked = [(n, r) for d, n, r in rows if d == delay]
         ns = [n for n, _ in picked]
-        for name, style in (("stock", "o-"), ("qgafreeze", "s-")):
+        for name, style in (("stock", "o-"), ("qgafreeze", "s-"), ("systemd", "^--")):
             for index, phase in ((0, "freeze"), (1, "thaw")):
                 values = [statistics.median(x[index] for x in r[name]) for _, r in picked]
+                label = "systemd alone" if name == "systemd" else name
                 axis.plot(
-                    ns, values, style, label=f"{name} {phase}", alpha=1 if index == 0 else 0.6
+                    ns, values, style, label=f"{label} {phase}", alpha=1 if index == 0 else 0.6
                 )
         axis.axhline(delay * 1000 or 1, color="grey", linestyle=":", label="floor")
         axis.set_xscale("log")
