@@ -485,12 +485,15 @@ class Engine:
                 covered = self._save_requested
                 snapshot = self._snapshot()
                 self._paused_lock.release()
+                written = False
                 try:
                     self._state_file.save(snapshot)
+                    written = True
                 finally:
                     self._paused_lock.acquire()
                     self._saving = False
-                    self._save_done = covered
+                    if written:  # else a waiting caller writes instead; this one raises
+                        self._save_done = covered
                     self._paused_lock.notify_all()
 
     def _snapshot(self) -> dict[str, Any]:
