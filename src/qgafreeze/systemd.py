@@ -30,7 +30,10 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
 
 JOB_MODE = "replace"  # a start replaces a pending stop of the same unit, which rollback relies on
-_REMEMBERED_JOBS = 4096  # JobRemoved results kept for waiters that have not asked yet
+# JobRemoved results kept for callers that have not started waiting yet (the signal can arrive
+# before StopUnit's reply).  Other clients' jobs land here too and are never asked for; the
+# bound keeps them to about 1.4 MB, reached after a few thousand jobs and flat from then on.
+_REMEMBERED_JOBS = 4096
 # The system bus caps the replies one connection may await (dbus-daemon's
 # max_replies_per_connection, 128 by default); with hundreds of apps in parallel, calls beyond
 # it fail with LimitsExceeded.  Stay well below it.
