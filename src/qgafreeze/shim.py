@@ -9,8 +9,8 @@ a cycle may take at most, and the shim waits that long plus a margin, never for 
 
 from __future__ import annotations
 
+import _socket  # not socket: see protocol.py
 import os
-import socket
 import sys
 import time
 
@@ -42,7 +42,7 @@ def request(
     margin: float = REPLY_MARGIN,
 ) -> dict[str, Any]:
     """Send one request and return the daemon's final reply.  Raises Unreachable, ProtocolError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
