@@ -512,7 +512,7 @@ def _env(problems: _Problems, path: str, value: Any) -> tuple[tuple[str, str], .
         if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             problems.add(join_path(path, key), "not a valid environment variable name")
         elif isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            problems.add(f"{path}.{key}", f"expected a string, got {_kind(item)}")
+            problems.add(join_path(path, key), f"expected a string, got {_kind(item)}")
         else:
             pairs.append((key, str(item)))
     return tuple(pairs)
