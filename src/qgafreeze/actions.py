@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from . import commands
 from .config import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
-from .errors import ActionTimeout, QgafreezeError
+from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .units import UnitManager, UnitState
 
 
@@ -236,7 +236,7 @@ class StepsAction:
         ctx.output.append(f"{label}: exit status {outcome.status}")
         ctx.step(StepReport(step.kind, label, phase, started, outcome.status, outcome.output))
         if outcome.status != 0:
-            raise commands.CommandFailed(f"{label} exited with status {outcome.status}")
+            raise CommandFailed(f"{label} exited with status {outcome.status}")
 
 
 class SessionAction:
@@ -297,7 +297,7 @@ class SessionAction:
         held = self._held
         if held is None:
             undo.clear()
-            raise commands.CommandFailed(
+            raise CommandFailed(
                 f"the session (pid {undo[0]}) is no longer ours: was the daemon restarted?"
             )
         started = time.time()
@@ -310,12 +310,12 @@ class SessionAction:
             ctx.output.extend(held.output())
         ctx.step(StepReport("session", " ".join(self._session.argv), "thaw", started, status, ()))
         if died is not None:
-            raise commands.CommandFailed(
+            raise CommandFailed(
                 f"the held session had exited with status {died} before the thaw: its lock was"
                 " released while frozen; the snapshot may not be application-consistent"
             )
         if status != 0:
-            raise commands.CommandFailed(f"the session exited with status {status} on close")
+            raise CommandFailed(f"the session exited with status {status} on close")
         ctx.output.append("session closed")
 
 
@@ -405,12 +405,12 @@ class LegacyHooksAction:
         except ActionTimeout as exc:
             ctx.step(StepReport("legacy", script, phase, started, 124, ()))
             raise ActionTimeout(f"{script}: {exc.message}") from None
-        except commands.CommandFailed as exc:
+        except CommandFailed as exc:
             ctx.step(StepReport("legacy", script, phase, started, 126, (exc.message,)))
             raise
         ctx.step(StepReport("legacy", script, phase, started, outcome.status, outcome.output))
         if outcome.status != 0:
-            raise commands.CommandFailed(f"{script} {phase} exited with status {outcome.status}")
+            raise CommandFailed(f"{script} {phase} exited with status {outcome.status}")
 
 
 class AppActions:

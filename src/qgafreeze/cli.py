@@ -1,8 +1,7 @@
 """``qgafreeze``: daemon | check | status | freeze | thaw | install.
 
-Errors are printed as one clear message and mapped to exit codes; no traceback reaches a user.
-Exit codes: 0 success, 1 failure, 2 invalid config, 3 daemon or bus unreachable, 4 forbidden,
-64 usage.
+Errors are printed as one clear message and mapped to exit statuses by ``errors.exit_status``
+(listed by ``--help``); no traceback reaches a user.
 """
 
 from __future__ import annotations
@@ -12,14 +11,12 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, paths
 from .actions import build_actions
-from .config import DEFAULT_CONFIG_PATH, Config, format_duration, load_file
-from .errors import ConfigError, QgafreezeError
+from .config import Config, format_duration, load_file
+from .errors import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_USAGE, ConfigError, QgafreezeError
 from .planner import PhasePlan, build_plan
 from .units import NoManager
-
-EXIT_USAGE = 64
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,13 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qgafreeze", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="qgafreeze",
+        description="Quiesce applications around QEMU guest-agent filesystem freezes.",
+        epilog=exit_statuses_text(),
+    )
     parser.add_argument("--version", action="version", version=f"qgafreeze {__version__}")
     parser.add_argument(
         "-c",
         "--config",
-        default=DEFAULT_CONFIG_PATH,
-        help=f"config file (default {DEFAULT_CONFIG_PATH})",
+        default=paths.CONFIG,
+        help=f"config file (default {paths.CONFIG})",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_statuses_text() -> str:
+    """``exit statuses: 0 success, 1 failure, ...``: the one table, as --help and README say it."""
+    return "exit statuses: " + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qgafreeze: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _check(path: str) -> int:
@@ -148,7 +154,7 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _client(op: str, socket: str | None, raw: bool) -> int:
-    from .shim import request, socket_path, summarize
+    from .shim import reply_status, request, socket_path, summarize
 
     reply = request(op, socket_path(socket))
     if raw:
@@ -157,7 +163,7 @@ def _client(op: str, socket: str | None, raw: bool) -> int:
         print(render_status(reply))
     else:
         summarize(reply, sys.stdout)
-    return 0 if reply.get("ok") else 1
+    return reply_status(reply)
 
 
 def render_status(reply: dict[str, Any]) -> str:

@@ -23,16 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .config import SAFE_PATH
-from .errors import ActionTimeout, QgafreezeError
+from .errors import ActionTimeout, CommandFailed
+from .paths import SAFE_PATH
 
 KILL_GRACE = 2.0  # between SIGTERM and SIGKILL of a process group
 OUTPUT_LINES = 200  # kept per command for the logs; the rest is counted, not stored
 LINE_LIMIT = 2000
-
-
-class CommandFailed(QgafreezeError):
-    code = "command-failed"
 
 
 @dataclass(frozen=True)

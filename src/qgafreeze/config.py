@@ -18,13 +18,9 @@ from typing import Any
 
 import yaml
 
+from . import paths
 from .errors import ConfigError
 
-DEFAULT_CONFIG_PATH = "/etc/qgafreeze.yaml"
-DEFAULT_SOCKET = "/run/qgafreeze/qgafreeze.sock"
-DEFAULT_HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
-# qemu-ga creates this while it is frozen (its --statedir, /var/run by default).
-DEFAULT_AGENT_STATE_FILE = "/run/qga.state.isfrozen"
 CONFIG_VERSION = 1
 
 ON_FAILURE_CHOICES = ("abort", "continue")
@@ -67,9 +63,9 @@ class Settings:
     freeze_timeout: float = 60.0
     thaw_timeout: float = 120.0
     max_frozen: float = 900.0  # watchdog; 0 disables it
-    hook_log: str | None = DEFAULT_HOOK_LOG  # None: no compatible hook log
-    socket: str = DEFAULT_SOCKET
-    agent_state_file: str | None = DEFAULT_AGENT_STATE_FILE  # None: do not watch qemu-ga
+    hook_log: str | None = paths.HOOK_LOG  # None: no compatible hook log
+    socket: str = paths.SOCKET
+    agent_state_file: str | None = paths.AGENT_STATE_FILE  # None: do not watch qemu-ga
     legacy_hooks: str | None = None  # an old fsfreeze-hook.d to run as one more app
     legacy_hook_timeout: float = 30.0  # per script
     allowed_group: str | None = None  # its members may use the socket too; None: root only
@@ -891,9 +887,6 @@ def load_file(path: str) -> Config:
     return config
 
 
-# Commands run with this PATH; a bare program name in the config is found the same way.
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 
 def _writable_by_others(path: str) -> str | None:
     """Why ``path`` (after symlinks) or a directory above it could be changed by non-root."""
@@ -937,7 +930,7 @@ def insecure_programs(config: Config) -> list[str]:
         checks.extend(("settings.legacy_hooks", os.path.join(legacy, n)) for n in names)
     problems = []
     for where, program in checks:
-        resolved = program if "/" in program else shutil.which(program, path=SAFE_PATH)
+        resolved = program if "/" in program else shutil.which(program, path=paths.SAFE_PATH)
         if resolved:
             reason = _writable_by_others(resolved)
             if reason:

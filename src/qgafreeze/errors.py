@@ -1,17 +1,37 @@
-"""The one error hierarchy of qgafreeze.
+"""The one error hierarchy of qgafreeze, and the one table from error code to exit status.
 
 Every error carries a stable ``code`` (used in socket replies, journald fields and tests) and a
-human message.  The CLI maps the classes to exit codes; nothing below it prints tracebacks.
+human message.  ``qgafreeze`` and the hook exit with ``exit_status(code)`` whether the error was
+raised in their own process or arrived in the daemon's reply; nothing prints a traceback.
+Standard library only: the shim imports it.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+EXIT_FORBIDDEN = 4
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+
+# What each exit status means, for --help, the README and the man pages (checked by tests).
+EXIT_MEANINGS = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "failure"),
+    (EXIT_CONFIG, "invalid config"),
+    (EXIT_UNREACHABLE, "daemon or bus unreachable"),
+    (EXIT_FORBIDDEN, "forbidden"),
+    (EXIT_USAGE, "usage"),
+)
 
 
 class QgafreezeError(Exception):
     """Base class: a failure that is explained to the user, never shown as a traceback."""
 
     code = "error"
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,7 +45,7 @@ class ConfigError(QgafreezeError):
     """The configuration cannot be used; ``problems`` lists every error with its place."""
 
     code = "config-invalid"
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
@@ -52,7 +72,7 @@ class BusError(QgafreezeError):
     """The system bus or the systemd manager cannot be reached."""
 
     code = "bus-unavailable"
-    exit_code = 3
+    exit_code = EXIT_UNREACHABLE
 
 
 class CycleFailed(QgafreezeError):
@@ -83,15 +103,52 @@ class ProtocolError(QgafreezeError):
 
 class Forbidden(QgafreezeError):
     code = "forbidden"
-    exit_code = 4
+    exit_code = EXIT_FORBIDDEN
 
 
 class Unreachable(QgafreezeError):
     """The daemon's socket cannot be reached (client side)."""
 
     code = "unreachable"
-    exit_code = 3
+    exit_code = EXIT_UNREACHABLE
 
 
 class InstallError(QgafreezeError):
     code = "install-failed"
+
+
+class CommandFailed(QgafreezeError):
+    """A command, session or hook script an app runs failed or could not be started."""
+
+    code = "command-failed"
+
+
+class InternalError(QgafreezeError):
+    """A bug: logged with its traceback in the journal, answered with this code."""
+
+    code = "internal"
+
+
+def all_errors() -> list[type[QgafreezeError]]:
+    """Every class of the hierarchy, the base first."""
+    found: list[type[QgafreezeError]] = [QgafreezeError]
+    for cls in found:
+        found.extend(c for c in cls.__subclasses__() if c not in found)
+    return found
+
+
+# Codes that are not one class's constant: CycleFailed names its phase.
+PHASE_CODES = ("freeze-failed", "thaw-failed")
+
+
+def all_codes() -> list[str]:
+    codes = [c.code for c in all_errors() if c is not CycleFailed] + list(PHASE_CODES)
+    return sorted(set(codes))
+
+
+def exit_status(code: str | None) -> int:
+    """The exit status for an error ``code``, wherever the error happened."""
+    for cls in all_errors():
+        if cls.code == code and cls is not QgafreezeError:
+            return cls.exit_code
+    return EXIT_FAILED

@@ -33,8 +33,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-DEFAULT_SOCKET = "/run/qgafreeze/qgafreeze.sock"
-SOCKET_ENV = "QGAFREEZE_SOCKET"
 OPS = ("ping", "status", "freeze", "thaw")
 MAX_LINE = 64 * 1024  # a request is a few dozen bytes; anything near this is hostile
 REQUEST_TIMEOUT = 5.0  # a client that connects must say what it wants within this

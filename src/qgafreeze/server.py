@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from . import protocol
-from .errors import Forbidden, ProtocolError, QgafreezeError
+from .errors import Busy, Forbidden, InternalError, ProtocolError, QgafreezeError
 
 SD_LISTEN_FDS_START = 3
 MAX_CLIENTS = 64  # concurrent connections; more get an immediate "busy"
@@ -177,7 +177,7 @@ class Server:
             if not full:
                 self._clients += 1
         if full:
-            _send_quietly(conn, protocol.error_reply(None, "busy", "too many connections"))
+            _send_quietly(conn, protocol.error_reply(None, Busy.code, "too many connections"))
             conn.close()
             return
         threading.Thread(
@@ -212,7 +212,7 @@ class Server:
             self._problems.problem(
                 f"internal error serving {op}: {exc!r}", detail=traceback.format_exc()
             )
-            reply = protocol.error_reply(op, "internal", f"internal error: {exc!r}")
+            reply = protocol.error_reply(op, InternalError.code, f"internal error: {exc!r}")
         finally:
             with self._clients_lock:
                 self._clients -= 1

@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from . import protocol
-from .errors import ProtocolError, QgafreezeError, Unreachable
+from . import paths, protocol
+from .errors import EXIT_OK, EXIT_USAGE, ProtocolError, QgafreezeError, Unreachable, exit_status
 
 # The shim runs once per freeze and thaw, and importing typing costs it milliseconds (a tenth of
 # its start-up); the names are for type checkers only.
@@ -28,11 +28,9 @@ CONNECT_TIMEOUT = 5.0
 ACCEPT_TIMEOUT = 30.0
 REPLY_MARGIN = 5.0
 
-EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 3, 64
-
 
 def socket_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get(protocol.SOCKET_ENV) or protocol.DEFAULT_SOCKET
+    return explicit or os.environ.get(paths.SOCKET_ENV) or paths.SOCKET
 
 
 def request(
@@ -107,18 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     op = args[0]
     try:
         reply = request(op, socket_path())
-    except Unreachable as exc:
+    except QgafreezeError as exc:  # Unreachable, ProtocolError
         print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
-        return EXIT_UNREACHABLE
-    except ProtocolError as exc:
-        print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
-        return EXIT_FAILED
-    except QgafreezeError as exc:  # pragma: no cover - every client error is one of the above
-        print(f"qgafreeze: {op} FAILED: {exc.message}", file=sys.stdout)
-        return EXIT_FAILED
+        return exc.exit_code
     summarize(reply, sys.stdout)
     sys.stdout.flush()
-    return EXIT_OK if reply.get("ok") else EXIT_FAILED
+    return reply_status(reply)
+
+
+def reply_status(reply: dict[str, Any]) -> int:
+    """The exit status for the daemon's reply: the same table as for errors raised here."""
+    if reply.get("ok"):
+        return EXIT_OK
+    error = reply.get("error")
+    return exit_status(error.get("code") if isinstance(error, dict) else None)
 
 
 if __name__ == "__main__":

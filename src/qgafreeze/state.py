@@ -12,12 +12,13 @@ import os
 import threading
 from typing import Any
 
-DEFAULT_STATE_FILE = "/run/qgafreeze/state.json"
+from . import paths
+
 STATE_VERSION = 1
 
 
 class StateFile:
-    def __init__(self, path: str = DEFAULT_STATE_FILE) -> None:
+    def __init__(self, path: str = paths.STATE_FILE) -> None:
         self.path = path
         self.error = ""  # the last write failure; the daemon reports it
         self._lock = threading.Lock()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qgafreeze import paths
 from qgafreeze.config import (
-    DEFAULT_HOOK_LOG,
     load_file,
     parse_config,
     parse_duration,
@@ -46,7 +46,7 @@ def test_the_shipped_example_config_is_valid_and_uses_every_setting():
     assert config.app("metrics").mode == "freeze"
     assert [s.kind for s in config.app("cache").freeze] == ["signal", "exec"]
     assert config.app("shop").depends_on == ("mariadb",)
-    assert config.settings.hook_log == DEFAULT_HOOK_LOG
+    assert config.settings.hook_log == paths.HOOK_LOG
 
 
 def test_defaults_are_safe_when_settings_are_omitted():

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qgafreeze import protocol, shim
+from qgafreeze import errors, protocol, shim
 from qgafreeze.errors import ProtocolError, Unreachable
 from qgafreeze.server import Peer, Send, Server, bind_listener
 
@@ -27,6 +27,7 @@ class ScriptedHandler:
         self.in_cycle = threading.Event()
         self.done: list[str] = []
         self.reply_ok = True
+        self.error_code = "freeze-failed"
         self.announce_ms = 1000
 
     def __call__(self, request: dict[str, Any], peer: Peer, send: Send) -> dict[str, Any]:
@@ -37,7 +38,7 @@ class ScriptedHandler:
             self.release.wait(10)
             self.done.append(op)
             if not self.reply_ok:
-                return {"ok": False, "op": op, "error": {"code": "freeze-failed", "message": "x"}}
+                return {"ok": False, "op": op, "error": {"code": self.error_code, "message": "x"}}
             return {"ok": True, "op": op, "state": "frozen", "apps": [{"app": "a", "result": "ok"}]}
         return {"ok": True, "op": op, "state": "thawed", "uid": peer.uid}
 
@@ -277,16 +278,47 @@ def test_shim_exits_non_zero_when_the_daemon_reports_failure(served, run_shim):
     assert "freeze FAILED [freeze-failed]" in out
 
 
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("config-invalid", errors.EXIT_CONFIG),
+        ("forbidden", errors.EXIT_FORBIDDEN),
+        ("bus-unavailable", errors.EXIT_UNREACHABLE),
+        ("thaw-failed", errors.EXIT_FAILED),
+        ("a-code-from-a-newer-daemon", errors.EXIT_FAILED),
+    ],
+)
+def test_hook_and_cli_exit_with_the_status_of_the_error_the_daemon_reports(
+    served, run_shim, capsys, code, status
+):
+    from qgafreeze import cli
+
+    path, handler, _ = served
+    handler.reply_ok = False
+    handler.error_code = code
+    assert run_shim(path, "freeze")[0] == status
+    assert cli.main(["freeze", "--socket", path]) == status
+    assert f"[{code}]" in capsys.readouterr().out
+
+
+def test_every_error_class_has_a_code_and_an_exit_status_from_the_one_table():
+    meanings = dict(errors.EXIT_MEANINGS)
+    for cls in errors.all_errors():
+        assert cls.code and cls.exit_code in meanings, cls
+        if cls is not errors.QgafreezeError and cls is not errors.CycleFailed:
+            assert errors.exit_status(cls.code) == cls.exit_code
+
+
 def test_shim_says_clearly_when_the_daemon_is_unreachable(tmp_path, run_shim):
     code, out = run_shim(str(tmp_path / "absent.sock"), "freeze")
-    assert code == shim.EXIT_UNREACHABLE
+    assert code == errors.EXIT_UNREACHABLE
     assert "cannot reach the qgafreeze daemon" in out
     assert "systemctl status qgafreeze.socket" in out
 
 
 def test_shim_rejects_unknown_arguments(run_shim, tmp_path):
     code, _ = run_shim(str(tmp_path / "x"), "unfreeze")
-    assert code == shim.EXIT_USAGE
+    assert code == errors.EXIT_USAGE
 
 
 def test_shim_waits_no_longer_than_the_daemon_announced(served):

@@ -1,0 +1,20 @@
+"""Every file path and environment name qgafreeze uses by default, written once.
+
+Standard library only, and nothing but constants: the shim imports it on qemu-ga's clock, and the
+config schema, the daemon, ``make install`` and the docs' tests all read their defaults here.
+"""
+
+from __future__ import annotations
+
+CONFIG = "/etc/qgafreeze.yaml"
+# The socket lives where qgafreeze.socket's ListenStream= puts it; the shim, the CLI and a daemon
+# started without socket activation all use this path, or $QGAFREEZE_SOCKET when it is set.
+SOCKET = "/run/qgafreeze/qgafreeze.sock"
+SOCKET_ENV = "QGAFREEZE_SOCKET"
+# The cycle's state, on tmpfs so that it can be written while the disks are frozen.
+STATE_FILE = "/run/qgafreeze/state.json"
+HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
+# qemu-ga creates this while it is frozen (its --statedir, /var/run by default).
+AGENT_STATE_FILE = "/run/qga.state.isfrozen"
+# Commands run with this PATH; a bare program name in the config is looked up in it too.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
