@@ -16,6 +16,7 @@ from .actions import build_actions
 from .config import Config, format_duration, load_file
 from .errors import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_USAGE, ConfigError, QgafreezeError
 from .planner import PhasePlan, build_plan
+from .protocol import app_line
 from .units import NoManager
 
 
@@ -188,11 +189,7 @@ def render_status(reply: dict[str, Any]) -> str:
             f" (cycle {last.get('cycle')}, {last.get('reason')})"
         )
         for app in last.get("apps") or []:
-            lines.append(
-                f"  {app.get('app')}: {app.get('phase')} {app.get('result')}"
-                f" in {app.get('duration_ms')} ms"
-                + (f": {app['message']}" if app.get("message") else "")
-            )
+            lines.append(f"  {app_line(app)}")
     else:
         lines.append("last cycle: none since the daemon started")
     return "\n".join(lines)

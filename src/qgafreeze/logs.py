@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from .actions import StepReport
 from .engine import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, CycleReport
+from .protocol import app_line
 
 try:  # systemd-python; without it the hook log still works and the daemon says so
     from systemd import journal as _journal
@@ -186,9 +187,7 @@ class LogWriter:
     def _render_app_finished(self, when: float, payload: tuple[str, AppOutcome]) -> list[str]:
         cycle, outcome = payload
         phase = _hook_phase(outcome.phase)
-        text = f"{outcome.app}: {outcome.phase} {outcome.result} in {outcome.duration_ms} ms"
-        if outcome.message:
-            text += f": {outcome.message}"
+        text = app_line(outcome.to_dict())
         self._journal(
             text,
             PRIORITY_INFO if outcome.result == OK else PRIORITY_WARNING,

@@ -113,5 +113,15 @@ def parse_reply(line: bytes) -> dict[str, Any]:
     return message
 
 
+def app_line(app: dict[str, Any]) -> str:
+    """``db: freeze ok in 523 ms: message``: one app's result, as the hook, ``qgafreeze status``
+    and journald all say it (``app`` is AppOutcome.to_dict() or a reply's entry)."""
+    line = f"{app.get('app')}: {app.get('phase')} {app.get('result')}"
+    line += f" in {app.get('duration_ms')} ms"
+    if app.get("message"):
+        line += f": {app['message']}"
+    return line
+
+
 def error_reply(op: str | None, code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"ok": False, "op": op, "error": {"code": code, "message": message}, **extra}

@@ -90,11 +90,7 @@ def summarize(reply: dict[str, Any], out: TextIO) -> None:
     if reply.get("note"):
         print(f"qgafreeze: {reply['note']}", file=out)
     for app in list(reply.get("apps") or []) + list(reply.get("rollback") or []):
-        line = f"qgafreeze:   {app.get('app')}: {app.get('phase')} {app.get('result')}"
-        line += f" in {app.get('duration_ms')} ms"
-        if app.get("message"):
-            line += f": {app['message']}"
-        print(line, file=out)
+        print(f"qgafreeze:   {protocol.app_line(app)}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,62 @@
+"""Facts written once and the places that repeat them: each repetition is checked here."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+from qgafreeze import __version__, cli, errors, logs, protocol, shim
+from qgafreeze.engine import AppOutcome, CycleReport
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = REPO / "src" / "qgafreeze"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_an_apps_result_reads_the_same_in_the_hook_status_and_journal():
+    outcome = AppOutcome("db", "freeze", "failed", 523, "stop job failed", units=("db.service",))
+    expected = "db: freeze failed in 523 ms: stop job failed"
+    assert protocol.app_line(outcome.to_dict()) == expected
+
+    hook = io.StringIO()
+    shim.summarize({"ok": False, "op": "freeze", "apps": [outcome.to_dict()]}, hook)
+    assert f"qgafreeze:   {expected}" in hook.getvalue().splitlines()
+
+    last = {"op": "freeze", "ok": False, "apps": [outcome.to_dict()]}
+    assert f"  {expected}" in cli.render_status({"ok": True, "last": last}).splitlines()
+
+    sent: list[str] = []
+    writer = logs.LogWriter(None, lambda message, **fields: sent.append(message))
+    writer.app_finished("c1", outcome)
+    writer.cycle_finished(CycleReport(op="freeze", cycle="c1", reason="request"))
+    assert writer.flush(5)
+    assert sent[0] == expected
+
+
+def test_readme_and_help_state_the_exit_statuses_of_the_one_table():
+    listed = ", ".join(f"{code} {meaning}" for code, meaning in errors.EXIT_MEANINGS)
+    readme = _one_line((REPO / "README.md").read_text())
+    assert f"Exit statuses of `qgafreeze` and of the hook: {listed}." in readme
+    assert cli.exit_statuses_text() == f"exit statuses: {listed}"
+
+
+def test_design_doc_lists_every_error_code_and_every_message_id():
+    design = (REPO / "docs" / "design.md").read_text()
+    for code in errors.all_codes():
+        assert f"`{code}`" in design, f"docs/design.md does not list error code {code!r}"
+    ids = {name: value for name, value in vars(logs).items() if name.startswith("MSG_")}
+    assert len(ids) >= 5
+    for name, value in ids.items():
+        assert f"`{value}`" in design, f"docs/design.md does not list {name} ({value})"
+
+
+def test_version_is_written_once():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert "qgafreeze.__version__" in pyproject
+    assert not re.search(r'^version\s*=\s*"', pyproject, re.M)
