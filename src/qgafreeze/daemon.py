@@ -25,7 +25,7 @@ from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, defa
 from .planner import build_plan
 from .server import Peer, Send, Server, activated_listener, bind_listener, notify
 from .state import StateFile
-from .systemd import SystemdManager
+from .systemd_manager import SystemdManager
 from .units import UnitManager
 
 # Bounded wait for the hook log to reach the disk before we tell qemu-ga to freeze it.

@@ -1,7 +1,7 @@
 """What the rest of qgafreeze knows about systemd units: plain data and a protocol.
 
-systemd.py implements ``UnitManager`` over D-Bus; unit tests implement it in memory.  Keeping the
-protocol here lets actions and the engine be tested without a bus or GLib.
+systemd_manager.py implements ``UnitManager`` over D-Bus; unit tests implement it in memory.
+Keeping the protocol here lets actions and the engine be tested without a bus or GLib.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The systemd manager over the system bus.  The only module that imports pydbus or gi.
 
+Named ``systemd_manager``, not ``systemd``, so that it is never mistaken for systemd-python's
+``systemd`` package (``from systemd import journal`` in logs.py).
+
 Jobs are asynchronous in systemd: StopUnit/StartUnit return a job object at once and the outcome
 arrives later as a ``JobRemoved`` signal.  We keep a private bus connection (so our ``Subscribe``
 is ours alone; pydbus' ``SystemBus()`` is shared), a GLib main loop in one thread that records
