@@ -5,7 +5,13 @@ PREFIX ?= /usr
 DESTDIR ?=
 PYTHON ?= /usr/bin/python3
 SYSCONFDIR ?= /etc
-UNITDIR ?= $(SYSCONFDIR)/systemd/system
+# Units go where the distribution's own units go (systemd.pc knows: /lib/systemd/system on
+# Debian 12, /usr/lib/systemd/system on Debian 13 and RHEL); /etc/systemd/system is the
+# administrator's, for overrides.  Releases before 0.2 installed there: OLD_UNITDIR is cleaned.
+UNITDIR ?= $(shell pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || \
+	echo /usr/lib/systemd/system)
+OLD_UNITDIR = $(SYSCONFDIR)/systemd/system
+UNITS = qgafreeze.service qgafreeze.socket
 LIBDIR = $(PREFIX)/lib/qgafreeze
 LIBEXECDIR = $(PREFIX)/libexec/qgafreeze
 BINDIR = $(PREFIX)/bin
@@ -30,7 +36,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -116,6 +122,22 @@ test: deps lint
 check:
 	PYTHONPATH=src $(PYTHON) -m qgafreeze check -c config/qgafreeze.yaml
 
+# Where install puts the units (tests ask, rather than repeat the rule above).
+unitdir:
+	@echo "$(UNITDIR)"
+
+# Unit files an older install left in $(OLD_UNITDIR), recognised by their first line: they would
+# shadow the new ones, and an administrator's own override there is not ours to remove.
+define remove_old_units
+for u in $(UNITS); do \
+	f="$(DESTDIR)$(OLD_UNITDIR)/$$u"; \
+	if [ "$(OLD_UNITDIR)" != "$(UNITDIR)" ] && [ -f "$$f" ] && \
+			head -n1 "$$f" | grep -q "^# $$u: "; then \
+		rm -f "$$f"; echo "removed $$f (left by an older install)"; \
+	fi; \
+done
+endef
+
 # Wrappers run the distribution's Python isolated (-I: no PYTHONPATH, no user site, no script
 # directory on sys.path) and without writing bytecode (-B): qemu-ga runs the hook while
 # filesystems are frozen, when any write would block.  The hook also skips site (-S): it needs
@@ -185,8 +207,9 @@ install:
 	@chmod 0755 "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp"
 	@mv -f "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp" "$(DESTDIR)$(HOOK)"
 	@echo "installed $(DESTDIR)$(HOOK)"
+	@set -e; $(remove_old_units)
 	@set -e; \
-	for u in qgafreeze.service qgafreeze.socket; do \
+	for u in $(UNITS); do \
 		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBEXECDIR@|$(LIBEXECDIR)|g' \
 			-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' "systemd/$$u" > "$(DESTDIR)$(UNITDIR)/.$$u.tmp"; \
 		chmod 0644 "$(DESTDIR)$(UNITDIR)/.$$u.tmp"; \
@@ -246,6 +269,7 @@ uninstall:
 		|| echo "warning: could not disable qgafreeze.socket and qgafreeze.service" >&2
 	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze" "$(DESTDIR)$(HOOK)" \
 		"$(DESTDIR)$(UNITDIR)/qgafreeze.service" "$(DESTDIR)$(UNITDIR)/qgafreeze.socket"
+	@set -e; $(remove_old_units)
 	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.new" \
 		"$(DESTDIR)$(LIBDIR)/qgafreeze.old" "$(DESTDIR)$(DOCDIR)"
 	@# Only if empty: something else may have been installed beside us.

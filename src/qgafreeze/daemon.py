@@ -18,18 +18,22 @@ from typing import Any
 from . import __version__, protocol
 from .actions import build_actions
 from .agentwatch import AgentFlagWatch
-from .config import Config, load_file, parse_config
+from .config import load_file, parse_config
 from .engine import ABANDON_GRACE, FROZEN, THAWED, CycleReport, Engine
 from .errors import Busy, ConfigError, QgafreezeError
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
+from .model import Config
 from .planner import build_plan
 from .server import Peer, Send, Server, activated_listener, bind_listener, notify
 from .state import StateFile
 from .systemd_manager import SystemdManager
+from .trust import resolve_group
 from .units import UnitManager
 
 # Bounded wait for the hook log to reach the disk before we tell qemu-ga to freeze it.
 FLUSH_BEFORE_FREEZE = 1.0
+# Asked of systemd on top of the cycle deadlines when stopping: the log flush and exit.
+SHUTDOWN_MARGIN = 10.0
 
 
 def report_reply(report: CycleReport) -> dict[str, Any]:
@@ -88,10 +92,21 @@ class Daemon:
         # hook gets this explanation at once instead of a socket that never answers.
         self._config_error = config_error
         self._watch: AgentFlagWatch | None = None
+        self._watcher: AgentFlagWatch | None = None  # created once; _watch is it, or None
         self.server: Server | None = None  # set once built; reload updates who may ask
 
-    def watch_agent(self, path: str) -> None:
-        self._watch = AgentFlagWatch(path, self.agent_left_frozen_state)
+    def watch_agent(self, path: str | None) -> None:
+        """Watch qemu-ga's frozen flag at ``path`` (None: stop watching); only between cycles."""
+        if self._watch is not None:
+            self._watch.disarm()
+            self._watch = None
+        if path is None:
+            return
+        # One inotify instance and reader thread for the daemon's life, re-pointed on reload.
+        if self._watcher is None:
+            self._watcher = AgentFlagWatch(path, self.agent_left_frozen_state)
+        self._watcher.retarget(path)
+        self._watch = self._watcher
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -197,17 +212,26 @@ class Daemon:
             self._log.daemon_event(f"reload refused: {exc.message}", PRIORITY_WARNING)
         else:
             self._config_error = None
+            # Every setting takes effect on reload; reconfigure() only succeeds between cycles,
+            # with nothing paused, so no watch is armed and no write is pending here.
             self._log.set_hook_log(config.settings.hook_log)
+            self.watch_agent(config.settings.agent_state_file)
             if self.server is not None:
-                self.server.allowed_gid = config.settings.allowed_gid
+                self.server.allowed_gid = resolve_group(config.settings.allowed_group)
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
         notify(f"READY=1\nSTATUS={self._status_line()}")
 
     def shutdown(self) -> int:
         """SIGTERM or SIGINT: resume every paused app before exiting (also mid-cycle)."""
-        notify("STOPPING=1\nSTATUS=stopping: resuming paused apps")
         settings = self.engine.config.settings
+        # A cycle in progress ends within its deadlines, then the thaw within its own: ask
+        # systemd for exactly that (and the log flush) rather than trust a fixed
+        # TimeoutStopSec=, which an admin who raised the timeouts would outgrow mid-resume.
         wait = settings.freeze_timeout + settings.thaw_timeout + 2 * ABANDON_GRACE
+        extend_us = round((wait + SHUTDOWN_MARGIN) * 1_000_000)
+        notify(
+            f"STOPPING=1\nEXTEND_TIMEOUT_USEC={extend_us}\nSTATUS=stopping: resuming paused apps"
+        )
         status = 0
         try:
             report = self.engine.thaw(reason="shutdown", wait=wait)
@@ -308,13 +332,13 @@ def run(config_path: str) -> int:
                 engine.cycle,
             )
     guard.engine = engine
+    allowed_gid = resolve_group(config.settings.allowed_group)
     listener = activated_listener()
     if listener is None:
-        listener = bind_listener(config.settings.socket, config.settings.allowed_gid)
+        listener = bind_listener(config.settings.socket, allowed_gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
-    if config.settings.agent_state_file:
-        daemon.watch_agent(config.settings.agent_state_file)
-    server = Server(listener, daemon, log, allowed_gid=config.settings.allowed_gid)
+    daemon.watch_agent(config.settings.agent_state_file)
+    server = Server(listener, daemon, log, allowed_gid=allowed_gid)
     daemon.server = server
     _warm_up(log)
     return daemon.run(server)

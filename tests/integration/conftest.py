@@ -70,7 +70,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(scope="session")
 def installed(container: Container) -> Container:
-    """The container after the README's `make install` (PREFIX=/opt: /usr is read-only there)."""
-    result = container.run(f"make -C /src install PREFIX={PREFIX}", timeout=180)
+    """The container after the README's `make install`.  /usr is the host's and read-only there,
+    so the files go under /opt and the units into /etc/systemd/system instead of the
+    distribution's unit directory."""
+    result = container.run(
+        f"make -C /src install PREFIX={PREFIX} UNITDIR=/etc/systemd/system", timeout=180
+    )
     assert "qgafreeze.socket is enabled" in result.stdout, result.stdout
     return container

@@ -222,6 +222,65 @@ def test_stopping_the_daemon_while_frozen_resumes_every_app(three_apps):
     assert shutdown and shutdown[-1]["QGAFREEZE_RESULT"] == "ok"
 
 
+def test_a_stop_that_needs_longer_than_timeoutstopsec_asks_systemd_and_resumes_every_app(
+    installed,
+):
+    # An admin raised thaw_timeout for an app that starts slowly; the unit's own TimeoutStopSec=
+    # (here cut to 3 s) must not kill the daemon half-way through resuming it.
+    c = installed
+    add_unit(c, "qgft-slow.service", extra="ExecStartPost=/bin/sleep 6")
+    c.write_file(
+        "/run/systemd/system/qgafreeze.service.d/short-stop.conf",
+        "[Service]\nTimeoutStopSec=3s\n",
+    )
+    c.run(["systemctl", "daemon-reload"])
+    try:
+        configure(
+            c,
+            "version: 1\nsettings: {thaw_timeout: 30s, max_frozen: 0}\n"
+            "apps:\n  slow: {units: [qgft-slow], timeout: 20s}\n",
+            start=("qgft-slow.service",),
+        )
+        assert hook(c, "freeze")[0] == 0
+        started = time.monotonic()
+        c.run(["systemctl", "stop", "qgafreeze.service"], timeout=60)
+        took = time.monotonic() - started
+        result = c.run(["systemctl", "show", "-P", "Result", "qgafreeze.service"]).stdout
+        assert result.strip() == "success", f"stopped with result {result.strip()}"
+        assert took > 5  # it really waited for the slow start, past the 3 s limit
+        assert active(c, "qgft-slow.service") == ["active"]
+        shutdown = c.journal(SYSLOG_IDENTIFIER="qgafreeze", QGAFREEZE_REASON="shutdown")
+        assert shutdown and shutdown[-1]["QGAFREEZE_RESULT"] == "ok"
+    finally:
+        c.run(["rm", "-rf", "/run/systemd/system/qgafreeze.service.d"])
+        c.run(["systemctl", "daemon-reload"])
+
+
+def test_reload_applies_a_new_agent_state_file(three_apps):
+    c = three_apps
+    pid = status(c)["pid"]
+    c.write_file(
+        "/etc/qgafreeze.yaml",
+        THREE_APPS.replace("max_frozen: 0", "max_frozen: 0, agent_state_file: /run/qga2/flag"),
+        0o600,
+    )
+    c.run("mkdir -p /run/qga2 && systemctl reload qgafreeze.service")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = c.journal(SYSLOG_IDENTIFIER="qgafreeze", _PID=str(pid))
+        if any(r["MESSAGE"].startswith("reloaded") for r in records):
+            break
+        time.sleep(0.1)
+    assert hook(c, "freeze")[0] == 0
+    c.run("touch /run/qga2/flag && rm /run/qga2/flag")
+    deadline = time.monotonic() + 30  # 10 s of grace for a late thaw hook, then the thaw
+    while active(c, *THREE_UNITS) != ["active"] * 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert active(c, *THREE_UNITS) == ["active"] * 3
+    assert status(c)["last"]["reason"] == "agent"
+    assert status(c)["pid"] == pid
+
+
 def test_reload_applies_a_valid_config_and_keeps_the_last_good_one_otherwise(three_apps):
     c = three_apps
     pid = status(c)["pid"]

@@ -60,3 +60,20 @@ def test_other_files_in_the_directory_are_ignored(tmp_path):
     other.touch()
     other.unlink()
     assert not lost.fired.wait(0.3)
+
+
+def test_a_retargeted_watch_follows_the_new_flag_and_ignores_the_old_one(tmp_path):
+    old, new = tmp_path / "old" / "isfrozen", tmp_path / "new" / "isfrozen"
+    old.parent.mkdir()
+    new.parent.mkdir()
+    lost = Lost()
+    watch = AgentFlagWatch(str(old), lost, grace=0.01)
+    watch.retarget(str(new))  # a reload changed settings.agent_state_file
+    watch.arm("c2")
+    old.touch()
+    old.unlink()
+    assert not lost.fired.wait(0.3)
+    new.touch()
+    new.unlink()
+    assert lost.fired.wait(5)
+    assert lost.cycles == ["c2"]

@@ -17,7 +17,7 @@ LIB = "usr/lib/qgafreeze"
 PACKAGE = f"{LIB}/qgafreeze"
 CLI = "usr/bin/qgafreeze"
 SHIM = "usr/libexec/qgafreeze/fsfreeze-hook"
-UNITS = ("etc/systemd/system/qgafreeze.service", "etc/systemd/system/qgafreeze.socket")
+OLD_UNITS = ("etc/systemd/system/qgafreeze.service", "etc/systemd/system/qgafreeze.socket")
 CONFIG = "etc/qgafreeze.yaml"
 DOCS = "usr/share/doc/qgafreeze"
 
@@ -35,6 +35,8 @@ HOST_PATHS = (
     "/etc/qemu/qemu-ga.conf",
     "/etc/sysconfig/qemu-ga",
     "/usr/share/doc/qgafreeze",
+    "/lib/systemd/system/qgafreeze.service",
+    "/usr/lib/systemd/system/qgafreeze.service",
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
@@ -64,6 +66,22 @@ def make(target: str, destdir: Path, prefix: str = "/usr") -> subprocess.Complet
     assert result.returncode == 0, f"make {target} failed:\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stdout + result.stderr
     return result
+
+
+def unit_dir() -> str:
+    """Where install puts units, as the Makefile decides it (systemd.pc, else /usr/lib/...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "UNITDIR"}
+    result = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(REPO), "unitdir"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+UNITS = tuple(f"{unit_dir().lstrip('/')}/{n}" for n in ("qgafreeze.service", "qgafreeze.socket"))
 
 
 def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
@@ -245,6 +263,44 @@ def test_uninstall_removes_everything_but_the_config(tmp_path: Path) -> None:
     assert f"kept {tmp_path}/{CONFIG}" in result.stdout
     assert not (tmp_path / LIB).exists()
     assert not (tmp_path / DOCS).exists()
+
+
+def test_units_go_where_the_distribution_keeps_its_units_not_in_etc() -> None:
+    expected = subprocess.run(
+        ["pkg-config", "--variable=systemdsystemunitdir", "systemd"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    assert unit_dir() == (expected or "/usr/lib/systemd/system")
+    assert not unit_dir().startswith("/etc/")
+
+
+def test_install_removes_units_an_older_install_left_in_etc_but_not_an_admins_override(
+    tmp_path: Path,
+) -> None:
+    old_service, old_socket = (tmp_path / unit for unit in OLD_UNITS)
+    old_service.parent.mkdir(parents=True)
+    old_service.write_text("# qgafreeze.service: what an older make install wrote\n")
+    old_socket.write_text("# the administrator's own full override\n[Socket]\n")
+
+    result = make("install", tmp_path)
+
+    assert not old_service.exists()
+    assert f"removed {old_service} (left by an older install)" in result.stdout
+    assert old_socket.read_text().startswith("# the administrator's own")
+    assert all((tmp_path / unit).is_file() for unit in UNITS)
+
+
+def test_uninstall_also_removes_units_an_older_install_left_in_etc(tmp_path: Path) -> None:
+    make("install", tmp_path)
+    for unit in OLD_UNITS:
+        (tmp_path / unit).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / unit).write_text(f"# {Path(unit).name}: from an older install\n")
+
+    make("uninstall", tmp_path)
+
+    assert files_under(tmp_path) == [CONFIG]
 
 
 def test_prefix_reaches_wrappers_and_units(tmp_path: Path) -> None:
