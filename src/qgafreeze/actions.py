@@ -10,7 +10,6 @@ including a unit whose stop was requested but timed out.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import Any, Callable, Protocol
 from . import commands
 from .config import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
+from .legacy import legacy_scripts
 from .units import UnitManager, UnitState
 
 
@@ -317,45 +317,6 @@ class SessionAction:
         if status != 0:
             raise CommandFailed(f"the session exited with status {status} on close")
         ctx.output.append("session closed")
-
-
-# The stock fsfreeze-hook skips these, as package managers leave them beside real scripts.
-LEGACY_SKIPPED_SUFFIXES = (
-    "~",
-    ".bak",
-    ".orig",
-    ".rpmnew",
-    ".rpmorig",
-    ".rpmsave",
-    ".sample",
-    ".dpkg-old",
-    ".dpkg-new",
-    ".dpkg-tmp",
-    ".dpkg-dist",
-    ".dpkg-bak",
-    ".dpkg-backup",
-    ".dpkg-remove",
-)
-
-
-def legacy_scripts(directory: str) -> list[str]:
-    """The scripts the stock hook would run, in its order (the shell's glob, C locale)."""
-    try:
-        names = sorted(os.listdir(directory), key=os.fsencode)
-    except FileNotFoundError:
-        return []
-    scripts = []
-    for name in names:
-        path = os.path.join(directory, name)
-        if name.startswith(".") or name.endswith(LEGACY_SKIPPED_SUFFIXES):
-            continue
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
-            scripts.append(path)
-    return scripts
 
 
 class LegacyHooksAction:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import InstallError
+from .legacy import legacy_scripts
 
 BACKUP_SUFFIX = ".qgafreeze-orig"
 
@@ -35,16 +36,6 @@ DEBIAN_GROUP = "general"
 DEBIAN_KEY = "fsfreeze-hook"
 
 LEGACY_HOOK_DIRS = ("etc/qemu/fsfreeze-hook.d", "etc/qemu-ga/fsfreeze-hook.d")
-# The stock fsfreeze-hook skips package-manager leftovers; so do we, or the warning would count
-# scripts that never ran.
-_LEGACY_SKIP_SUFFIXES = (
-    ".dpkg-dist",
-    ".dpkg-old",
-    ".dpkg-new",
-    ".rpmsave",
-    ".rpmorig",
-    ".rpmnew",
-)
 
 QGA_UNIT = "qemu-guest-agent.service"
 # systemd's search order: the first directory holding the unit file wins it.
@@ -353,7 +344,10 @@ def _warnings(hook: str, root: str, target: _Target) -> list[str]:
         )
     for rel in LEGACY_HOOK_DIRS:
         directory = os.path.join(root, rel)
-        scripts = _legacy_scripts(directory)
+        try:
+            scripts = [os.path.basename(path) for path in legacy_scripts(directory)]
+        except OSError:
+            scripts = []
         if scripts:
             shown = ", ".join(scripts[:5]) + (", ..." if len(scripts) > 5 else "")
             found.append(
@@ -371,24 +365,6 @@ def _warnings(hook: str, root: str, target: _Target) -> list[str]:
             "it reach the daemon's socket; after a test freeze, check `ausearch -m avc -c qemu-ga`"
         )
     return found
-
-
-def _legacy_scripts(directory: str) -> list[str]:
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    scripts = []
-    for name in names:
-        if name.startswith(".") or name.endswith(_LEGACY_SKIP_SUFFIXES):
-            continue
-        try:
-            st = os.stat(os.path.join(directory, name))
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-            scripts.append(name)
-    return scripts
 
 
 def _unit_warning(root: str, target: _Target, hook: str) -> Optional[str]:

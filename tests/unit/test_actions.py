@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from fakes import FakeSystemd, RecordingEvents
 
-from qgafreeze.actions import build_actions, legacy_scripts
+from qgafreeze.actions import build_actions
 from qgafreeze.config import parse_config
 from qgafreeze.engine import FROZEN, THAWED, Engine
+from qgafreeze.legacy import legacy_scripts
 from qgafreeze.planner import build_plan
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

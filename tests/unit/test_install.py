@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
+from qgafreeze.actions import ActionContext, LegacyHooksAction, StepReport
 from qgafreeze.errors import InstallError
 from qgafreeze.install import configure_qemu_ga, unconfigure_qemu_ga
 
@@ -399,6 +402,40 @@ def test_executable_legacy_hooks_are_reported_in_both_directories(root: Path) ->
     assert "1 executable hook(s) (10-mysql)" in found[0]
     assert "settings.legacy_hooks: /etc/qemu/fsfreeze-hook.d" in found[0]
     assert "(example-hook.sh)" in found[1]
+
+
+def test_install_counts_exactly_the_legacy_scripts_the_daemon_runs(root: Path) -> None:
+    hooks = "etc/qemu/fsfreeze-hook.d"
+    for name in ("20-web", "10-db", "30-cache"):
+        write(root, f"{hooks}/{name}", "#!/bin/sh\n", 0o755)
+    # What the stock hook skips: editor and package-manager leftovers, dotfiles, the rest.
+    for name in (
+        "10-db~",
+        "10-db.bak",
+        "10-db.orig",
+        "10-db.sample",
+        "10-db.dpkg-tmp",
+        "10-db.dpkg-bak",
+        "10-db.dpkg-backup",
+        "10-db.dpkg-remove",
+        "10-db.rpmnew",
+        ".10-db.swp",
+    ):
+        write(root, f"{hooks}/{name}", "#!/bin/sh\n", 0o755)
+    write(root, f"{hooks}/40-readme", "docs\n", 0o644)
+    (root / hooks / "50-dir").mkdir(mode=0o755)
+    os.mkfifo(root / hooks / "60-fifo", 0o755)
+
+    warning = warnings(configure_qemu_ga(HOOK, str(root)))[0]
+    match = re.search(r"holds (\d+) executable hook\(s\) \(([^)]*)\)", warning)
+    assert match, warning
+    counted = match.group(2).split(", ")
+    ran: list[StepReport] = []
+    action = LegacyHooksAction(str(root / hooks), 10.0)
+    action.quiesce(ActionContext(deadline=time.monotonic() + 10, record={}, step=ran.append))
+
+    assert [Path(report.what).name for report in ran] == counted
+    assert counted == ["10-db", "20-web", "30-cache"] and match.group(1) == "3"
 
 
 def test_legacy_hooks_are_reported_again_on_a_second_configure(root: Path) -> None:
