@@ -16,6 +16,8 @@ LIBDIR = $(PREFIX)/lib/qgafreeze
 LIBEXECDIR = $(PREFIX)/libexec/qgafreeze
 BINDIR = $(PREFIX)/bin
 DOCDIR = $(PREFIX)/share/doc/qgafreeze
+MANDIR = $(PREFIX)/share/man
+MANPAGES = $(wildcard docs/*.[1-8])
 HOOK = $(LIBEXECDIR)/fsfreeze-hook
 
 SHELL := /bin/sh
@@ -231,6 +233,12 @@ install:
 		if [ -f "$$f" ]; then install -m 0644 "$$f" "$(DESTDIR)$(DOCDIR)/"; fi; \
 	done
 	@set -e; \
+	for f in $(MANPAGES); do \
+		section="$${f##*.}"; \
+		install -d -m 0755 "$(DESTDIR)$(MANDIR)/man$$section"; \
+		install -m 0644 "$$f" "$(DESTDIR)$(MANDIR)/man$$section/"; \
+	done
+	@set -e; \
 	if [ -n "$(DESTDIR)" ]; then exit 0; fi; \
 	"$(BINDIR)/qgafreeze" install --hook "$(HOOK)"; \
 	if [ ! -d /run/systemd/system ]; then \
@@ -270,6 +278,8 @@ uninstall:
 	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze" "$(DESTDIR)$(HOOK)" \
 		"$(DESTDIR)$(UNITDIR)/qgafreeze.service" "$(DESTDIR)$(UNITDIR)/qgafreeze.socket"
 	@set -e; $(remove_old_units)
+	@set -e; \
+	for f in $(MANPAGES); do rm -f "$(DESTDIR)$(MANDIR)/man$${f##*.}/$${f##*/}"; done
 	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.new" \
 		"$(DESTDIR)$(LIBDIR)/qgafreeze.old" "$(DESTDIR)$(DOCDIR)"
 	@# Only if empty: something else may have been installed beside us.

@@ -35,6 +35,8 @@ HOST_PATHS = (
     "/etc/qemu/qemu-ga.conf",
     "/etc/sysconfig/qemu-ga",
     "/usr/share/doc/qgafreeze",
+    "/usr/share/man/man8/qgafreeze.8",
+    "/usr/share/man/man5/qgafreeze.yaml.5",
     "/lib/systemd/system/qgafreeze.service",
     "/usr/lib/systemd/system/qgafreeze.service",
 )
@@ -222,6 +224,17 @@ def test_docs_are_installed(installed: tuple[Path, str]) -> None:
     expected = sorted(p.name for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
     expected = sorted([*expected, "qgafreeze.yaml.example"])
     assert sorted(p.name for p in (destdir / DOCS).glob("*")) == expected
+
+
+def test_man_pages_are_installed_in_their_sections(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    pages = sorted((REPO / "docs").glob("*.[1-8]"))
+    assert "qgafreeze.8" in [p.name for p in pages]
+    for page in pages:
+        target = destdir / f"usr/share/man/man{page.suffix[1:]}" / page.name
+        assert target.read_bytes() == page.read_bytes()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
 def test_install_with_destdir_does_not_configure_the_host(installed: tuple[Path, str]) -> None:
