@@ -24,37 +24,15 @@ from typing import Any, Callable, Protocol
 from .actions import Action, ActionContext, StepReport, record_is_empty
 from .config import Config
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
+from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, elapsed_ms
 from .planner import PhasePlan, Plan, subset
+
+# ABANDON_GRACE is re-exported: the daemon adds it to the deadlines it tells the hook about.
+from .scheduler import ABANDON_GRACE as ABANDON_GRACE
+from .scheduler import Clock, Phase, Scheduler
 from .state import StateFile
 
 THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
-OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
-
-# How long past its deadline a stuck action thread is waited for before it is abandoned.  The
-# D-Bus calls are bounded by the same deadline, so this only covers a wedged bus.
-ABANDON_GRACE = 2.0
-
-
-@dataclass(frozen=True)
-class AppOutcome:
-    app: str
-    phase: str
-    result: str  # ok, failed, timeout, skipped
-    duration_ms: int
-    message: str = ""
-    output: tuple[str, ...] = ()
-    units: tuple[str, ...] = ()  # the units the app declares, for logs
-    actions: tuple[str, ...] = ()  # the kinds of action the app has, for logs
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "app": self.app,
-            "phase": self.phase,
-            "result": self.result,
-            "duration_ms": self.duration_ms,
-            "message": self.message,
-            "output": list(self.output),
-        }
 
 
 @dataclass
@@ -85,9 +63,6 @@ class EventSink(Protocol):
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
 
 
-Clock = Callable[[], float]
-
-
 class Engine:
     def __init__(
         self,
@@ -108,7 +83,7 @@ class Engine:
         self._save_done = 0  # every ticket up to this one is on disk
         self._saving = False
         self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
-        self._abandon_grace = abandon_grace
+        self._scheduler = Scheduler(clock, abandon_grace)
         self._plan = plan
         self._actions = actions
         self._events = events
@@ -242,7 +217,7 @@ class Engine:
             self._frozen_at = time.time()
             self._arm_watchdog()
         report.state = self._state
-        report.duration_ms = _ms(self._clock() - started)
+        report.duration_ms = elapsed_ms(self._clock() - started)
         self._finish(report)
         return report
 
@@ -264,7 +239,7 @@ class Engine:
                 report.ok = False
                 report.error = _failure(failed[0], "thaw")
         report.state = self._state
-        report.duration_ms = _ms(self._clock() - started)
+        report.duration_ms = elapsed_ms(self._clock() - started)
         self._finish(report)
         return report
 
@@ -344,7 +319,7 @@ class Engine:
             app=app,
             phase=phase,
             result=result,
-            duration_ms=_ms(self._clock() - started),
+            duration_ms=elapsed_ms(self._clock() - started),
             message=message,
             output=tuple(ctx.output),
             units=self._config.app(app).units,
@@ -360,107 +335,36 @@ class Engine:
         deadline = self._clock() + self._config.settings.thaw_timeout
         return self._run_phase(phase, self._resume_app, deadline, lambda _o: False, phase_name)
 
-    # -- the DAG runner ------------------------------------------------------------------------
-
     def _run_phase(
         self,
         phase: PhasePlan,
         step: Callable[[str, float, threading.Event, str, str], AppOutcome],
-        phase_deadline: float,
+        deadline: float,
         halts: Callable[[AppOutcome], bool],
         label: str | None = None,
     ) -> list[AppOutcome]:
-        """Start each app as soon as the apps it waits for are done; bounded by deadlines.
-
-        Returns one outcome per app in plan order.  After an outcome for which ``halts`` is true,
-        nothing new starts; apps never started are reported as skipped.
-        """
         label = label or phase.name
-        cycle = self._cycle
-        waits = dict(phase.waits_for)
-        pending = list(phase.order)
-        done: dict[str, AppOutcome] = {}
-        # app -> (when it started, hard limit past which it is abandoned, its cancel flag)
-        running: dict[str, tuple[float, float, threading.Event]] = {}
-        finished: list[tuple[str, AppOutcome]] = []
-        wake = threading.Condition()
-        halted_by = ""
+        config, cycle, events = self._config, self._cycle, self._events
 
-        def work(app: str, deadline: float, cancel: threading.Event) -> None:
-            # Whatever happens, the runner hears back: a worker that died silently would hold
-            # the whole cycle until the app's deadline (minutes) for nothing.
-            try:
-                outcome = step(app, deadline, cancel, cycle, label)
-            except Exception as exc:
-                self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
-                outcome = AppOutcome(
-                    app,
-                    label,
-                    FAILED,
-                    0,
-                    f"internal error: {exc!r}",
-                    units=self._config.app(app).units,
-                )
-            with wake:
-                finished.append((app, outcome))
-                wake.notify()
+        def outcome(app: str, result: str, duration_ms: int, message: str) -> AppOutcome:
+            return AppOutcome(app, label, result, duration_ms, message, units=config.app(app).units)
 
-        while pending or running:
-            now = self._clock()
-            if not halted_by and now < phase_deadline:
-                for app in [a for a in pending if all(d in done for d in waits[a])]:
-                    pending.remove(app)
-                    deadline = min(now + self._config.app(app).timeout, phase_deadline)
-                    cancel = threading.Event()
-                    running[app] = (now, deadline + self._abandon_grace, cancel)
-                    threading.Thread(
-                        target=work,
-                        args=(app, deadline, cancel),
-                        name=f"{label}-{app}",
-                        daemon=True,
-                    ).start()
-            if not running:
-                why = (
-                    f"not started: {halted_by} failed and the freeze is aborted"
-                    if halted_by
-                    else f"not started: the {label} phase deadline passed"
-                )
-                for app in pending:
-                    done[app] = AppOutcome(
-                        app, label, SKIPPED, 0, why, units=self._config.app(app).units
-                    )
-                    self._events.app_finished(cycle, done[app])
-                break
-            with wake:
-                if not finished:
-                    first_limit = min(limit for _, limit, _ in running.values())
-                    wake.wait(max(0.0, first_limit - self._clock()))
-                batch, finished[:] = finished[:], []
-            for app, outcome in batch:
-                if app in running:  # an abandoned worker's late answer is ignored
-                    del running[app]
-                    done[app] = outcome
-                    if not halted_by and halts(outcome):
-                        halted_by = app
-            now = self._clock()
-            for app, (started, limit, cancel) in list(running.items()):
-                if now >= limit:
-                    cancel.set()  # whatever it has not paused yet, it must not pause any more
-                    del running[app]
-                    done[app] = AppOutcome(
-                        app,
-                        label,
-                        TIMEOUT,
-                        _ms(now - started),
-                        "did not return by its deadline",
-                        units=self._config.app(app).units,
-                    )
-                    self._events.problem(
-                        f"{app}: {label} action abandoned past its deadline", cycle
-                    )
-                    if not halted_by and halts(done[app]):
-                        halted_by = app
-        return [done[a] for a in phase.order if a in done]
+        return self._scheduler.run(
+            Phase(
+                label=label,
+                order=phase.order,
+                waits_for=dict(phase.waits_for),
+                deadline=deadline,
+                timeout=lambda app: config.app(app).timeout,
+                work=lambda app, app_deadline, cancel: step(
+                    app, app_deadline, cancel, cycle, label
+                ),
+                make_outcome=outcome,
+                halts=halts,
+                not_started=lambda skipped: events.app_finished(cycle, skipped),
+                problem=lambda message, detail: events.problem(message, cycle, detail),
+            )
+        )
 
     # -- state kept outside the process ----------------------------------------------------------
 
@@ -566,7 +470,3 @@ def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
     if outcome.result == TIMEOUT:
         return ActionTimeout(f"{phase} of {outcome.app} timed out: {outcome.message}")
     return CycleFailed(phase, f"{phase} of {outcome.app} {outcome.result}: {outcome.message}")
-
-
-def _ms(seconds: float) -> int:
-    return max(0, round(seconds * 1000))

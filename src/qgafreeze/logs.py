@@ -20,7 +20,8 @@ import time
 from typing import Any, Callable, Optional
 
 from .actions import StepReport
-from .engine import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, CycleReport
+from .engine import CycleReport
+from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome
 from .protocol import app_line
 
 try:  # systemd-python; without it the hook log still works and the daemon says so

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from qgafreeze.actions import StepReport
-from qgafreeze.engine import AppOutcome, CycleReport
+from qgafreeze.engine import CycleReport
 from qgafreeze.errors import ActionTimeout, UnitError, UnitNotFound
+from qgafreeze.outcome import AppOutcome
 from qgafreeze.units import UnitState
 
 

@@ -7,8 +7,9 @@ import threading
 import time
 from typing import Any
 
-from qgafreeze.engine import AppOutcome, CycleReport
+from qgafreeze.engine import CycleReport
 from qgafreeze.logs import MSG_APP_DONE, MSG_CYCLE_DONE, LogWriter, hook_log_date
+from qgafreeze.outcome import AppOutcome
 
 DATE = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d \S+ \d{4}"
 
