@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -60,3 +61,11 @@ def test_version_is_written_once():
     assert 'dynamic = ["version"]' in pyproject
     assert "qgafreeze.__version__" in pyproject
     assert not re.search(r'^version\s*=\s*"', pyproject, re.M)
+
+
+def test_the_socket_unit_listens_where_the_hook_and_the_cli_connect():
+    from qgafreeze import paths
+
+    unit = (REPO / "systemd" / "qgafreeze.socket").read_text()
+    assert re.findall(r"^ListenStream=(.*)$", unit, flags=re.M) == [paths.SOCKET]
+    assert shim.socket_path(None) in (paths.SOCKET, os.environ.get(paths.SOCKET_ENV))
