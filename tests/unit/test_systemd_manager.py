@@ -1,0 +1,382 @@
+"""SystemdManager against python-dbusmock's ``systemd`` template on a private bus.
+
+The template fakes a manager whose StartUnit/StopUnit end their jobs with ``done``, and unit
+objects.  What it lacks and SystemdManager calls (Subscribe, LoadUnit, ListUnitsByNames,
+FreezeUnit, ThawUnit, KillUnit, the unit properties we read) is added here through dbusmock's own
+API, answering as systemd does; a fault (a failed job, a job that never ends, a slow or refused
+call) is one method replaced for one test.  The container tier runs the same calls against the
+real systemd.
+
+Needs python3-dbusmock, python3-pydbus and dbus-daemon (``make deps``): without them these tests
+skip, which under CI=true fails them (conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from qgafreeze.errors import ActionTimeout, BusError, UnitError, UnitNotFound
+from qgafreeze.units import UnitState
+
+if TYPE_CHECKING:  # imported by the fixture below, once pydbus is known to be there
+    from qgafreeze.systemd_manager import SystemdManager
+
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+NEEDS = "needs python3-dbusmock, python3-pydbus and dbus-daemon (make deps)"
+
+# Snippets run inside the mock for a call: ``args`` are the call's arguments, ``self`` is the
+# manager object (``self.units``: name -> object path, kept by the template), ``objects`` maps
+# paths to mock objects, ``ret`` is the reply.
+UNKNOWN_UNIT_IS_NO_SUCH_UNIT = """
+if args[0] not in self.units:
+    raise dbus.exceptions.DBusException(
+        'Unit %s not loaded.' % args[0], name='org.freedesktop.systemd1.NoSuchUnit')
+"""
+LIST_UNITS_BY_NAMES = """
+ret = []
+for name in args[0]:
+    path = self.units.get(name)
+    if path is None:  # systemd answers for any valid name; the unit is just not found
+        ret.append((name, '', 'not-found', 'inactive', 'dead', '',
+                    '/org/freedesktop/systemd1/unit/none', 0, '', '/'))
+        continue
+    unit = objects[path].props['org.freedesktop.systemd1.Unit']
+    ret.append((name, unit['Description'], unit['LoadState'], unit['ActiveState'],
+                unit['SubState'], '', path, 0, '', '/'))
+"""
+
+
+def set_freezer_state(state: str) -> str:
+    return UNKNOWN_UNIT_IS_NO_SUCH_UNIT + (
+        f"unit = objects[self.units[args[0]]]\n"
+        f"unit.UpdateProperties({UNIT_IFACE!r}, {{'FreezerState': {state!r}}})\n"
+    )
+
+
+def job_that_ends_with(result: str | None) -> str:
+    """A StopUnit/StartUnit whose job ends with ``result`` (None: never ends).
+
+    JobRemoved is sent before the reply here, as systemd may do for a job that ends at once
+    (the template sends it after): SystemdManager must keep it for the caller still waiting.
+    """
+    code = UNKNOWN_UNIT_IS_NO_SUCH_UNIT + textwrap.dedent("""
+        job_id = self.next_job_id
+        self.next_job_id += 1
+        ret = '/org/freedesktop/systemd1/job/%d' % job_id
+    """)
+    if result is not None:
+        code += (
+            f"self.EmitSignal({MANAGER_IFACE!r}, 'JobRemoved', 'uoss',"
+            f" [job_id, ret, args[0], {result!r}])\n"
+        )
+    return code
+
+
+class FakeSystemd:
+    """The remote control of the mock: units, replaced methods, and the calls it received."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        import dbus
+        import dbusmock
+
+        self._dbus = dbus
+        self._bus = dbus.bus.BusConnection(address)
+        # Wait for the mock to own the name before asking for its object: asking first would
+        # have the bus start the host's own service of that name.
+        end = time.monotonic() + timeout
+        while not self._bus.name_has_owner("org.freedesktop.systemd1"):
+            assert time.monotonic() < end, "dbusmock's systemd did not appear on the bus"
+            time.sleep(0.02)
+        self._mock = dbus.Interface(
+            self._bus.get_object("org.freedesktop.systemd1", "/org/freedesktop/systemd1"),
+            dbusmock.MOCK_IFACE,
+        )
+        self._mock_iface = dbusmock.MOCK_IFACE
+
+    def reset(self) -> None:
+        """Back to the bare template, then add what systemd answers and the template does not."""
+        self._mock.Reset()
+        self._mock.ClearCalls()
+        self.answer("Subscribe", "", "", "")
+        self.answer(
+            "LoadUnit", "s", "o", UNKNOWN_UNIT_IS_NO_SUCH_UNIT + "ret = self.units[args[0]]"
+        )
+        self.answer("ListUnitsByNames", "as", "a(ssssssouso)", LIST_UNITS_BY_NAMES)
+        self.answer("FreezeUnit", "s", "", set_freezer_state("frozen"))
+        self.answer("ThawUnit", "s", "", set_freezer_state("running"))
+        self.answer("KillUnit", "ssi", "", UNKNOWN_UNIT_IS_NO_SUCH_UNIT)
+
+    def answer(self, method: str, in_sig: str, out_sig: str, code: str) -> None:
+        self._mock.AddMethod(MANAGER_IFACE, method, in_sig, out_sig, code)
+
+    def add_unit(
+        self,
+        name: str,
+        active_state: str = "active",
+        sub_state: str = "running",
+        triggered_by: tuple[str, ...] = (),
+    ) -> None:
+        """A loaded unit (the template's AddMockUnit) with the properties systemd gives it."""
+        self._mock.AddMockUnit(name)
+        path = self._mock.GetUnit(name, dbus_interface=MANAGER_IFACE)
+        unit = self._dbus.Interface(
+            self._bus.get_object("org.freedesktop.systemd1", path), self._mock_iface
+        )
+        unit.UpdateProperties(UNIT_IFACE, {"ActiveState": active_state})
+        unit.AddProperties(
+            UNIT_IFACE,
+            {
+                "SubState": sub_state,
+                "Description": f"the {name} unit",
+                "TriggeredBy": self._dbus.Array(triggered_by, signature="s"),
+                "FreezerState": "running",
+            },
+        )
+
+    def calls(self, method: str) -> list[tuple[Any, ...]]:
+        return [tuple(args) for _when, args in self._mock.GetMethodCalls(method)]
+
+
+@pytest.fixture(scope="module")
+def systemd_manager() -> ModuleType:
+    """The module under test; importing it needs pydbus and gi."""
+    pytest.importorskip("gi", reason=NEEDS)
+    pytest.importorskip("pydbus", reason=NEEDS)
+    return importlib.import_module("qgafreeze.systemd_manager")
+
+
+@pytest.fixture(scope="module")
+def mock_bus(systemd_manager: ModuleType) -> Iterator[tuple[str, FakeSystemd]]:
+    """A private dbus-daemon with dbusmock's systemd template on it, for the whole module."""
+    pytest.importorskip("dbusmock", reason=NEEDS)
+    daemon_path = shutil.which("dbus-daemon")
+    if daemon_path is None:
+        pytest.skip(NEEDS)
+    daemon = subprocess.Popen(
+        [daemon_path, "--session", "--nofork", "--nopidfile", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stdout is not None
+    address = daemon.stdout.readline().strip()
+    # --session: the mock's own option for "not the host's system bus", here our private one.
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "dbusmock", "--session", "--template", "systemd"],
+        env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": address},
+        stdout=subprocess.DEVNULL,  # the mock logs every call there
+    )
+    try:
+        yield address, FakeSystemd(address, timeout=10)
+    finally:
+        for process in (mock, daemon):
+            process.terminate()
+            process.wait(5)
+        daemon.stdout.close()
+
+
+@pytest.fixture
+def systemd(mock_bus: tuple[str, FakeSystemd]) -> FakeSystemd:
+    fake = mock_bus[1]
+    fake.reset()
+    return fake
+
+
+@pytest.fixture
+def manager(
+    systemd_manager: ModuleType, mock_bus: tuple[str, FakeSystemd], systemd: FakeSystemd
+) -> SystemdManager:
+    return systemd_manager.SystemdManager(address=mock_bus[0])
+
+
+def soon(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_stop_and_start_wait_for_their_jobs_and_change_the_units_state(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.add_unit("web.service")
+
+    manager.stop(["db.service", "web.service"], soon())
+    assert [manager.unit_state(u, soon()).active_state for u in ("db.service", "web.service")] == [
+        "inactive",
+        "inactive",
+    ]
+    manager.start(["db.service"], soon())
+
+    assert manager.unit_state("db.service", soon()).active_state == "active"
+    # "replace": a start replaces a pending stop of the same unit, which rollback relies on.
+    assert systemd.calls("StartUnit") == [("db.service", "replace")]
+
+
+def test_job_that_ends_with_a_result_other_than_done_is_a_unit_error_naming_the_unit(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service", active_state="inactive", sub_state="dead")
+    systemd.answer("StartUnit", "ss", "o", job_that_ends_with("failed"))
+
+    with pytest.raises(UnitError) as raised:
+        manager.start(["db.service"], soon())
+
+    assert type(raised.value) is UnitError
+    assert str(raised.value) == "db.service: start job finished with result 'failed'"
+
+
+def test_refused_stop_fails_the_call_and_the_other_units_still_stop(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.answer(
+        "StopUnit",
+        "ss",
+        "o",
+        "if args[0] == 'masked.service':\n"
+        "    raise dbus.exceptions.DBusException("
+        "'Unit masked.service is masked.', name='org.freedesktop.systemd1.UnitMasked')\n"
+        + job_that_ends_with("done"),
+    )
+
+    with pytest.raises(UnitError, match=r"^masked\.service: StopUnit refused: .*is masked"):
+        manager.stop(["masked.service", "db.service"], soon())
+
+    assert [args[0] for args in systemd.calls("StopUnit")] == ["masked.service", "db.service"]
+
+
+def test_job_that_never_ends_is_a_timeout_at_the_callers_deadline(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.answer("StopUnit", "ss", "o", job_that_ends_with(None))
+
+    started = time.monotonic()
+    with pytest.raises(ActionTimeout, match=r"^db\.service: stop did not finish in time$"):
+        manager.stop(["db.service"], started + 0.3)
+
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_call_that_systemd_does_not_answer_by_the_deadline_is_a_timeout(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.answer("KillUnit", "ssi", "", "time.sleep(0.5)")
+
+    started = time.monotonic()
+    with pytest.raises(ActionTimeout, match="did not answer KillUnit in time"):
+        manager.kill("db.service", "main", 10, started + 0.1)
+
+    assert time.monotonic() - started < 0.45
+
+
+def test_call_whose_deadline_has_passed_is_never_sent(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+
+    with pytest.raises(ActionTimeout, match="deadline passed before StopUnit was sent"):
+        manager.stop(["db.service"], time.monotonic() - 1)
+
+    assert systemd.calls("StopUnit") == []
+
+
+def test_unit_state_maps_list_units_by_names_and_triggered_by(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit(
+        "db.service",
+        active_state="deactivating",
+        sub_state="stop-sigterm",
+        triggered_by=("db.socket", "db-backup.timer"),
+    )
+
+    assert manager.unit_state("db.service", soon()) == UnitState(
+        name="db.service",
+        load_state="loaded",
+        active_state="deactivating",
+        sub_state="stop-sigterm",
+        triggered_by=("db.socket", "db-backup.timer"),
+    )
+    # The cheap calls only: GetAll costs PID 1 about fifteen times as much.
+    assert systemd.calls("ListUnitsByNames") == [(["db.service"],)]
+
+
+def test_unknown_unit_is_unit_not_found(manager: SystemdManager, systemd: FakeSystemd) -> None:
+    with pytest.raises(UnitNotFound, match=r"^nosuch\.service: no such unit$"):
+        manager.unit_state("nosuch.service", soon())
+    with pytest.raises(UnitNotFound, match=r"^nosuch\.service: .*Unit nosuch\.service not loaded"):
+        manager.kill("nosuch.service", "all", 15, soon())
+
+
+def test_unreachable_bus_address_is_a_bus_error(
+    systemd_manager: ModuleType, tmp_path: Path
+) -> None:
+    with pytest.raises(BusError, match="cannot connect to the system bus at unix:path="):
+        systemd_manager.SystemdManager(address=f"unix:path={tmp_path}/no-bus-here")
+
+
+def test_freeze_and_thaw_succeed_when_the_freezer_state_follows(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.add_unit("web.service")
+
+    manager.freeze(["db.service", "web.service"], soon())
+    manager.thaw(["db.service", "web.service"], soon())
+
+    assert [args[0] for args in systemd.calls("FreezeUnit")] == ["db.service", "web.service"]
+    assert [args[0] for args in systemd.calls("ThawUnit")] == ["db.service", "web.service"]
+
+
+def test_freeze_that_leaves_the_unit_running_is_a_unit_error(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.answer("FreezeUnit", "s", "", "")
+
+    with pytest.raises(UnitError) as raised:
+        manager.freeze(["db.service"], soon())
+
+    assert str(raised.value) == (
+        "db.service: FreezerState is 'running' after FreezeUnit, not 'frozen'"
+    )
+
+
+def test_freeze_on_a_systemd_without_freeze_unit_says_what_it_needs(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    # What a systemd older than 246 answers.
+    systemd.answer(
+        "FreezeUnit",
+        "s",
+        "",
+        "raise dbus.exceptions.DBusException(\"Unknown method 'FreezeUnit' or interface"
+        " 'org.freedesktop.systemd1.Manager'.\", name='org.freedesktop.DBus.Error.UnknownMethod')",
+    )
+
+    with pytest.raises(UnitError, match="needs systemd 246 or later and the unified cgroup"):
+        manager.freeze(["db.service"], soon())
+
+
+def test_kill_sends_the_signal_to_the_processes_it_names(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+
+    manager.kill("db.service", "main", 10, soon())
+
+    assert systemd.calls("KillUnit") == [("db.service", "main", 10)]
