@@ -1,16 +1,11 @@
 """Point qemu-ga's fsfreeze hook at the qgafreeze shim, and take it back.
 
-qemu-ga learns its hook path in one place per distribution family:
-
-* RHEL family: the packaged unit runs ``qemu-ga ... -F${FSFREEZE_HOOK_PATHNAME}`` with
-  ``EnvironmentFile=/etc/sysconfig/qemu-ga``;
-* Debian family: the unit runs a bare ``qemu-ga``, which reads the ``fsfreeze-hook`` key of the
-  ``[general]`` group in ``/etc/qemu/qemu-ga.conf`` (a GLib key file).
-
-Only that one setting is edited; every other byte of the file stays as it was. Before the first
-change a copy of the original file is kept beside it, so that removal can put the administrator's
-own hook back. Nothing here imports outside the standard library: it runs from ``make install``
-on a machine that may not have the daemon's dependencies yet.
+``qgaconf`` knows where each distribution family keeps qemu-ga's hook path and edits that one
+setting as text; this module reads and writes the file, and warns about what would still keep
+qemu-ga from running the hook.  Before the first change a copy of the original file is kept
+beside it, so that removal can put the administrator's own hook back.  Nothing here imports
+outside the standard library: it runs from ``make install`` on a machine that may not have the
+daemon's dependencies yet.
 """
 
 from __future__ import annotations
@@ -20,20 +15,13 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import InstallError
 from .legacy import legacy_scripts
+from .qgaconf import Target, detect
 
 BACKUP_SUFFIX = ".qgafreeze-orig"
-
-RHEL_SYSCONFIG = "etc/sysconfig/qemu-ga"
-RHEL_KEY = "FSFREEZE_HOOK_PATHNAME"
-DEBIAN_DIR = "etc/qemu"
-DEBIAN_CONF = "etc/qemu/qemu-ga.conf"
-DEBIAN_GROUP = "general"
-DEBIAN_KEY = "fsfreeze-hook"
 
 LEGACY_HOOK_DIRS = ("etc/qemu/fsfreeze-hook.d", "etc/qemu-ga/fsfreeze-hook.d")
 
@@ -46,22 +34,16 @@ _UNIT_DIRS = (
     "lib/systemd/system",
 )
 
-CREATED_HEADER = "# Created by qgafreeze install; `qgafreeze install --remove` deletes it again.\n"
-
 # The path lands unquoted in a systemd command line on RHEL (-F${FSFREEZE_HOOK_PATHNAME}) and in a
 # GLib key file on Debian, which unescapes backslashes: anything outside this set would be split
 # or rewritten on the way to qemu-ga.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+,:@%=/-]*$")
 
-_GROUP_RE = re.compile(r"^\s*\[([^\]]*)\]\s*$")
-_INI_KEY_RE = re.compile(r"^\s*([^=#\s][^=]*?)\s*=\s*(.*?)\s*$")
-_ENV_KEY_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*?)\s*$")
-
 
 def configure_qemu_ga(hook: str, root: str = "/") -> list[str]:
     """Make qemu-ga run ``hook`` as its fsfreeze hook; return what was done, line by line."""
     _check_hook(hook)
-    target = _detect(root)
+    target = detect(root)
     lines: list[str] = []
     if target.created_text is not None and not os.path.lexists(target.path):
         _make_dir(os.path.dirname(target.path))
@@ -93,7 +75,7 @@ def configure_qemu_ga(hook: str, root: str = "/") -> list[str]:
 def unconfigure_qemu_ga(hook: str, root: str = "/") -> list[str]:
     """Take ``hook`` out of qemu-ga's settings, if it is still ours; return what was done."""
     _check_hook(hook)
-    target = _detect(root)
+    target = detect(root)
     if not os.path.lexists(target.path):
         return [f"{target.path} does not exist: nothing to undo"]
     text, mode = _read(target.path)
@@ -136,48 +118,6 @@ def unconfigure_qemu_ga(hook: str, root: str = "/") -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class _Target:
-    """Where one distribution family keeps qemu-ga's hook path, and how to edit it there."""
-
-    family: str
-    path: str
-    key: str
-    get: Callable[[str], Optional[str]]
-    set: Callable[[str, str], str]
-    remove: Callable[[str], str]
-    # Only families whose file may be absent know how to create one.
-    created_text: Optional[Callable[[str], str]]
-
-    def describe(self, value: str) -> str:
-        if self.family == "debian":
-            return f"{self.key}={value} under [{DEBIAN_GROUP}]"
-        return f"{self.key}={value}"
-
-
-def _detect(root: str) -> _Target:
-    sysconfig = os.path.join(root, RHEL_SYSCONFIG)
-    if os.path.isfile(sysconfig):
-        return _Target(
-            family="rhel",
-            path=sysconfig,
-            key=RHEL_KEY,
-            get=_env_get,
-            set=_env_set,
-            remove=_env_remove,
-            created_text=None,
-        )
-    return _Target(
-        family="debian",
-        path=os.path.join(root, DEBIAN_CONF),
-        key=DEBIAN_KEY,
-        get=_ini_get,
-        set=_ini_set,
-        remove=_ini_remove,
-        created_text=_ini_created,
-    )
-
-
 def _check_hook(hook: str) -> None:
     if not _SAFE_PATH.match(hook) or os.path.normpath(hook) != hook:
         raise InstallError(
@@ -190,151 +130,10 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-# --- GLib key file (/etc/qemu/qemu-ga.conf) ---------------------------------------------------
-
-
-def _ini_unescape(value: str) -> str:
-    # GLib's string escapes, so that a value we compare is the one qemu-ga would use.
-    escapes = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-    return re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), value)
-
-
-def _ini_key_lines(lines: list[str]) -> tuple[list[int], list[int]]:
-    """Indexes of our key's lines in the target group, and of the target group's headers."""
-    keys: list[int] = []
-    headers: list[int] = []
-    group: Optional[str] = None
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        header = _GROUP_RE.match(line)
-        if header:
-            group = header.group(1)
-            if group == DEBIAN_GROUP:
-                headers.append(i)
-            continue
-        match = _INI_KEY_RE.match(line)
-        if group == DEBIAN_GROUP and match and match.group(1) == DEBIAN_KEY:
-            keys.append(i)
-    return keys, headers
-
-
-def _ini_get(text: str) -> Optional[str]:
-    lines = text.splitlines(keepends=True)
-    keys, _ = _ini_key_lines(lines)
-    if not keys:
-        return None
-    # GLib keeps the last of repeated keys, and so does qemu-ga.
-    match = _INI_KEY_RE.match(lines[keys[-1]])
-    assert match is not None
-    return _ini_unescape(match.group(2))
-
-
-def _ending(line: str) -> str:
-    return line[len(line.rstrip("\r\n")) :] or "\n"
-
-
-def _ini_set(text: str, value: str) -> str:
-    lines = text.splitlines(keepends=True)
-    keys, headers = _ini_key_lines(lines)
-    if keys:
-        first, *rest = keys
-        lines[first] = f"{DEBIAN_KEY}={value}{_ending(lines[first])}"
-        # A later duplicate would win over ours.
-        for i in reversed(rest):
-            del lines[i]
-        return "".join(lines)
-    entry = f"{DEBIAN_KEY}={value}\n"
-    if headers:
-        # After the group's last setting, so that comments heading the next group stay there.
-        at = headers[0]
-        for i in range(headers[0] + 1, len(lines)):
-            stripped = lines[i].strip()
-            if _GROUP_RE.match(lines[i]):
-                break
-            if stripped and not stripped.startswith("#"):
-                at = i
-        if not lines[at].endswith(("\n", "\r")):
-            lines[at] += "\n"
-        lines.insert(at + 1, entry)
-        return "".join(lines)
-    prefix = text
-    if prefix and not prefix.endswith("\n"):
-        prefix += "\n"
-    if prefix.strip():
-        prefix += "\n"
-    return f"{prefix}[{DEBIAN_GROUP}]\n{entry}"
-
-
-def _ini_remove(text: str) -> str:
-    lines = text.splitlines(keepends=True)
-    keys, _ = _ini_key_lines(lines)
-    for i in reversed(keys):
-        del lines[i]
-    return "".join(lines)
-
-
-def _ini_created(hook: str) -> str:
-    return f"{CREATED_HEADER}[{DEBIAN_GROUP}]\n{DEBIAN_KEY}={hook}\n"
-
-
-# --- systemd environment file (/etc/sysconfig/qemu-ga) ------------------------------------------
-
-
-def _env_unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
-
-
-def _env_key_lines(lines: list[str]) -> list[int]:
-    found = []
-    for i, line in enumerate(lines):
-        match = _ENV_KEY_RE.match(line)
-        if match and match.group(1) == RHEL_KEY:
-            found.append(i)
-    return found
-
-
-def _env_get(text: str) -> Optional[str]:
-    lines = text.splitlines(keepends=True)
-    keys = _env_key_lines(lines)
-    if not keys:
-        return None
-    # systemd applies assignments in order: the last one is what qemu-ga gets.
-    match = _ENV_KEY_RE.match(lines[keys[-1]])
-    assert match is not None
-    return _env_unquote(match.group(2))
-
-
-def _env_set(text: str, value: str) -> str:
-    lines = text.splitlines(keepends=True)
-    keys = _env_key_lines(lines)
-    if keys:
-        first, *rest = keys
-        lines[first] = f"{RHEL_KEY}={value}{_ending(lines[first])}"
-        for i in reversed(rest):
-            del lines[i]
-        return "".join(lines)
-    if lines and not lines[-1].endswith(("\n", "\r")):
-        lines[-1] += "\n"
-    lines.append(f"{RHEL_KEY}={value}\n")
-    return "".join(lines)
-
-
-def _env_remove(text: str) -> str:
-    lines = text.splitlines(keepends=True)
-    for i in reversed(_env_key_lines(lines)):
-        del lines[i]
-    return "".join(lines)
-
-
 # --- warnings -------------------------------------------------------------------------------------
 
 
-def _warnings(hook: str, root: str, target: _Target) -> list[str]:
+def _warnings(hook: str, root: str, target: Target) -> list[str]:
     found: list[str] = []
     hook_file = os.path.join(root, hook.lstrip("/"))
     if not os.access(hook_file, os.X_OK) or not os.path.isfile(hook_file):
@@ -367,7 +166,7 @@ def _warnings(hook: str, root: str, target: _Target) -> list[str]:
     return found
 
 
-def _unit_warning(root: str, target: _Target, hook: str) -> Optional[str]:
+def _unit_warning(root: str, target: Target, hook: str) -> Optional[str]:
     """A warning when qemu-ga's unit does not hand it the setting we just wrote.
 
     Administrators following the usual backup tutorials put ``-F/etc/qemu/fsfreeze-hook`` into

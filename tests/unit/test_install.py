@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -537,3 +539,24 @@ def test_a_failed_write_becomes_an_install_error_and_leaves_no_temporary_file(
         configure_qemu_ga(HOOK, str(root))
     assert leftovers(root / "etc/qemu") == []
     assert (root / DEBIAN_CONF).read_text() == "[general]\n"
+
+
+def test_install_and_the_legacy_selection_import_nothing_outside_the_standard_library() -> None:
+    # make install runs it before the daemon's dependencies are installed.
+    probe = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("yaml", "pydbus", "systemd", "gi"):
+            raise ImportError("not in the standard library: " + name)
+sys.meta_path.insert(0, Refuse())
+import qgafreeze.install, qgafreeze.legacy
+"""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {src!r})\n{probe}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
