@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from . import commands
-from .config import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .legacy import legacy_scripts
+from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
 from .units import UnitManager, UnitState
 
 

@@ -13,8 +13,10 @@ from typing import Any, NoReturn
 
 from . import __version__, paths
 from .actions import build_actions
-from .config import Config, format_duration, load_file
+from .config import load_file
 from .errors import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_USAGE, ConfigError, QgafreezeError
+from .fields import format_duration
+from .model import Config
 from .planner import PhasePlan, build_plan
 from .protocol import app_line
 from .units import NoManager

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .actions import Action, ActionContext, StepReport, record_is_empty
-from .config import Config
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
+from .model import Config
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, elapsed_ms
 from .planner import PhasePlan, Plan, subset
 

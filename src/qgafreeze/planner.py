@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Config
+from .model import Config
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 
 from qgafreeze import paths
-from qgafreeze.config import (
-    load_file,
-    parse_config,
-    parse_duration,
-    parse_text,
-)
+from qgafreeze.config import load_file, parse_config, parse_text
 from qgafreeze.errors import ConfigError
+from qgafreeze.fields import parse_duration
+from qgafreeze.trust import resolve_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,6 +197,12 @@ def test_unknown_preset_is_named():
     assert found.startswith("apps.x.preset: unknown preset string 'oracle' (known: mariadb")
 
 
+def test_a_preset_that_is_not_a_name_is_an_error_not_a_traceback():
+    assert problems("apps:\n  x: {preset: [mariadb], units: [a]}\n") == [
+        "apps.x.preset: unknown preset a list (known: mariadb, mysql, postgresql, mongodb, redis)"
+    ]
+
+
 def test_steps_are_checked_one_by_one_with_their_paths():
     found = problems(
         "apps:\n  x:\n    freeze:\n"
@@ -275,8 +278,40 @@ def test_programs_found_on_the_safe_path_are_checked_and_accepted(tmp_path):
     assert load_file(str(path)).app("a").freeze[1].argv == ("/bin/echo", "x")
 
 
-def test_allowed_group_must_exist():
-    assert problems("settings: {allowed_group: no-such-group-qgft}\n") == [
-        "settings.allowed_group: no such group 'no-such-group-qgft'"
+def write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "qgafreeze.yaml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+# Was asserted of parse_text: parsing no longer looks the group up on the host (issue 10); the
+# loaded file is still refused, as before, when the group does not exist.
+def test_allowed_group_must_exist_when_the_file_is_loaded(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_file(write_config(tmp_path, "settings: {allowed_group: no-such-group-qgft}\n"))
+    assert caught.value.problems == ["settings.allowed_group: no such group 'no-such-group-qgft'"]
+    loaded = load_file(write_config(tmp_path, "settings: {allowed_group: root}\n"))
+    assert resolve_group(loaded.settings.allowed_group) == 0
+
+
+def test_parsing_names_a_group_without_asking_the_host():
+    parsed = parse_text("settings: {allowed_group: no-such-group-qgft}\n")
+    assert parsed.settings.allowed_group == "no-such-group-qgft"
+    assert resolve_group(parsed.settings.allowed_group) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        ("''", "string ''"),
+        ("'two words'", "string 'two words'"),
+        ("'-dash'", "string '-dash'"),
+        ("5", "number 5"),
+        ("[wheel]", "a list"),
+    ],
+)
+def test_allowed_group_must_read_as_a_group_name(value, got):
+    assert problems(f"settings: {{allowed_group: {value}}}\n") == [
+        f"settings.allowed_group: expected a group name, got {got}"
     ]
-    assert parse_text("settings: {allowed_group: root}\n").settings.allowed_gid == 0

@@ -1,0 +1,215 @@
+"""One entry under ``apps:``, checked into a model.App: its preset, units, session and steps."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from . import fields
+from .fields import Problems
+from .model import (
+    LEGACY_APP,
+    MODES,
+    ON_FAILURE_CHOICES,
+    SIGNALS,
+    WHOM,
+    App,
+    Session,
+    Step,
+    join_path,
+)
+from .presets import PRESETS, apply_preset
+
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+_APP_KEYS = (
+    "preset",
+    "units",
+    "mode",
+    "session",
+    "freeze",
+    "thaw",
+    "depends_on",
+    "timeout",
+    "on_failure",
+)
+_SESSION_KEYS = ("argv", "user", "env", "cwd", "open", "ready", "close")
+_STEP_KEYS = ("exec", "shell", "signal", "user", "env", "cwd", "timeout", "units", "whom")
+
+
+def _apply_preset(problems: Problems, path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if not isinstance(name, str) or name not in PRESETS:  # a list would not even hash
+        problems.add(
+            f"{path}.preset", f"unknown preset {fields.kind(name)} (known: {', '.join(PRESETS)})"
+        )
+        return raw
+    return apply_preset(name, raw)
+
+
+def _session(problems: Problems, path: str, raw: Any) -> Session | None:
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping, got {fields.kind(raw)}")
+        return None
+    fields.check_keys(problems, path, raw, _SESSION_KEYS)
+    texts = {}
+    for key in ("open", "close"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            problems.add(f"{path}.{key}", f"expected text, got {fields.kind(value)}")
+            value = ""
+        texts[key] = value if not value or value.endswith("\n") else value + "\n"
+    ready = raw.get("ready")
+    if not isinstance(ready, str) or not ready:
+        problems.add(f"{path}.ready", "expected a regular expression the output shows when ready")
+        ready = ""
+    else:
+        try:
+            re.compile(ready)
+        except re.error as exc:
+            problems.add(f"{path}.ready", f"not a valid regular expression: {exc}")
+    return Session(
+        argv=fields.argv(problems, f"{path}.argv", raw.get("argv")),
+        open=texts["open"],
+        ready=ready,
+        close=texts["close"],
+        user=fields.user(problems, f"{path}.user", raw.get("user")),
+        env=fields.env(problems, f"{path}.env", raw.get("env")),
+        cwd=fields.cwd(problems, f"{path}.cwd", raw.get("cwd")),
+    )
+
+
+def _step(problems: Problems, path: str, raw: Any) -> Step | None:
+    if not isinstance(raw, dict):
+        problems.add(
+            path, f"expected a mapping such as {{exec: [program, arg]}}, got {fields.kind(raw)}"
+        )
+        return None
+    fields.check_keys(problems, path, raw, _STEP_KEYS)
+    kinds = [k for k in ("exec", "shell", "signal") if k in raw]
+    if len(kinds) != 1:
+        problems.add(path, "needs exactly one of exec (argv list), shell (command text), signal")
+        return None
+    kind = kinds[0]
+    timeout = None
+    if raw.get("timeout") is not None:
+        timeout = fields.duration(problems, f"{path}.timeout", raw.get("timeout"), 0.0)
+    if kind == "signal":
+        name = raw["signal"]
+        number = 0
+        if isinstance(name, str) and name.upper().removeprefix("SIG") in SIGNALS:
+            name = name.upper().removeprefix("SIG")
+            number = SIGNALS[name]
+        elif isinstance(name, int) and not isinstance(name, bool) and 0 < name < 65:
+            number, name = name, str(name)
+        else:
+            problems.add(
+                f"{path}.signal", f"expected a signal such as USR1, got {fields.kind(name)}"
+            )
+            name = ""
+        whom = raw.get("whom", "all")
+        if whom not in WHOM:
+            problems.add(
+                f"{path}.whom", f"expected one of {', '.join(WHOM)}, got {fields.kind(whom)}"
+            )
+        units = fields.units(problems, f"{path}.units", raw.get("units"))
+        if not units:
+            problems.add(f"{path}.units", "a signal needs the units whose processes get it")
+        for key in ("user", "env", "cwd"):
+            if key in raw:
+                problems.add(f"{path}.{key}", "applies to exec and shell steps, not to signals")
+        return Step(
+            kind="signal", signal=number, signal_name=f"SIG{name}", units=units, whom=str(whom)
+        )
+    if "units" in raw or "whom" in raw:
+        problems.add(path, "units and whom apply to signal steps only")
+    if kind == "shell":
+        text = raw["shell"]
+        if not isinstance(text, str) or not text.strip():
+            problems.add(f"{path}.shell", f"expected a command line, got {fields.kind(text)}")
+            text = ""
+        argv: tuple[str, ...] = ("/bin/sh", "-c", text)
+    else:
+        argv = fields.argv(problems, f"{path}.exec", raw["exec"])
+    return Step(
+        kind=kind,
+        argv=argv,
+        user=fields.user(problems, f"{path}.user", raw.get("user")),
+        env=fields.env(problems, f"{path}.env", raw.get("env")),
+        cwd=fields.cwd(problems, f"{path}.cwd", raw.get("cwd")),
+        timeout=timeout,
+    )
+
+
+def _steps(problems: Problems, path: str, raw: Any) -> tuple[Step, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add(path, f"expected a list of steps, got {fields.kind(raw)}")
+        return ()
+    steps = [_step(problems, f"{path}[{i}]", item) for i, item in enumerate(raw)]
+    return tuple(s for s in steps if s is not None)
+
+
+def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
+    path = join_path("apps", name)
+    if not isinstance(name, str) or not _APP_NAME.match(name):
+        problems.add(
+            path,
+            "an app name is letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+        return None
+    if name == LEGACY_APP:
+        problems.add(path, f"'{LEGACY_APP}' is the app made from settings.legacy_hooks")
+        return None
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping, got {fields.kind(raw)}")
+        return None
+    fields.check_keys(problems, path, raw, _APP_KEYS)
+    raw = _apply_preset(problems, path, raw)
+
+    units = fields.units(problems, f"{path}.units", raw.get("units"))
+    if raw.get("units") == []:
+        problems.add(f"{path}.units", "is empty")
+    session = _session(problems, f"{path}.session", raw["session"]) if "session" in raw else None
+    freeze = _steps(problems, f"{path}.freeze", raw.get("freeze"))
+    thaw = _steps(problems, f"{path}.thaw", raw.get("thaw"))
+    if not any(key in raw for key in ("units", "session", "freeze", "thaw", "preset")):
+        problems.add(path, "no action: add units, session, freeze or thaw steps, or a preset")
+
+    mode = raw.get("mode", "stop")
+    if mode not in MODES:
+        problems.add(f"{path}.mode", f"expected one of {', '.join(MODES)}, got {fields.kind(mode)}")
+        mode = "stop"
+    elif "mode" in raw and not units:
+        problems.add(f"{path}.mode", "applies to units; this app lists none")
+
+    on_failure = raw.get("on_failure", "abort")
+    if on_failure not in ON_FAILURE_CHOICES:
+        problems.add(
+            f"{path}.on_failure",
+            f"expected one of {', '.join(ON_FAILURE_CHOICES)}, got {fields.kind(on_failure)}",
+        )
+        on_failure = "abort"
+
+    depends_on = []
+    for item_path, dep in fields.string_list(problems, f"{path}.depends_on", raw.get("depends_on")):
+        if dep in depends_on:
+            problems.add(item_path, f"{dep!r} is listed twice")
+        else:
+            depends_on.append(dep)
+
+    return App(
+        name=name,
+        units=units,
+        depends_on=tuple(depends_on),
+        timeout=fields.duration(problems, f"{path}.timeout", raw.get("timeout"), App.timeout),
+        on_failure=on_failure,
+        mode=mode,
+        session=session,
+        freeze=freeze,
+        thaw=thaw,
+        preset=raw.get("preset") if isinstance(raw.get("preset"), str) else None,
+    )

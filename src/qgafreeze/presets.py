@@ -1,0 +1,62 @@
+"""Presets: defaults for well-known databases, written as an administrator would write an app.
+
+An app's own keys override its preset's one by one (and, inside ``session``, one sub-key at a
+time); the result is validated like any other app.  The README says what consistency each gives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mariadb": {
+        # FLUSH TABLES WITH READ LOCK is released when its session ends: hold the session.
+        "session": {
+            "argv": ["mariadb", "--batch", "--skip-column-names", "--unbuffered"],
+            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "UNLOCK TABLES;\n",
+        },
+    },
+    "mysql": {
+        "session": {
+            "argv": ["mysql", "--batch", "--skip-column-names", "--unbuffered"],
+            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "UNLOCK TABLES;\n",
+        },
+    },
+    "postgresql": {
+        # A checkpoint first, so that the backup starts (and a restore recovers) quickly; then
+        # pg_backup_start held in one session until pg_backup_stop (PostgreSQL 15 and later),
+        # whose backup label is saved for the restore.
+        "freeze": [{"exec": ["psql", "-X", "-q", "-c", "CHECKPOINT"], "user": "postgres"}],
+        "session": {
+            "argv": ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"],
+            "user": "postgres",
+            "open": "SELECT pg_backup_start('qgafreeze', true);\n\\echo qgafreeze-ready\n",
+            "ready": "^qgafreeze-ready$",
+            "close": "\\o /var/lib/postgresql/qgafreeze-backup_label\n"
+            "SELECT labelfile FROM pg_backup_stop(true);\n\\o\n",
+        },
+    },
+    "mongodb": {
+        "freeze": [{"exec": ["mongosh", "--quiet", "--eval", "db.fsyncLock()"]}],
+        "thaw": [{"exec": ["mongosh", "--quiet", "--eval", "db.fsyncUnlock()"]}],
+    },
+    "redis": {
+        # SAVE returns once the RDB file is complete on disk.
+        "freeze": [{"exec": ["redis-cli", "SAVE"]}],
+    },
+}
+
+
+def apply_preset(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The app as written (``raw``) over the preset ``name``, which must be one of PRESETS."""
+    merged: dict[str, Any] = dict(PRESETS[name])
+    for key, value in raw.items():
+        if key == "session" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
