@@ -274,11 +274,13 @@ def _deadline(seconds: float) -> float:
 
 def _translate(exc: GLib.Error, method: str, unit: str | None) -> Exception:
     name = Gio.DBusError.get_remote_error(exc) or ""
-    if name:
-        Gio.DBusError.strip_remote_error(exc)
+    # GDBus puts "GDBus.Error:NAME: " before the remote message.  Gio.DBusError.strip_remote_error
+    # cannot remove it: PyGObject hands it a copy of the error, and exc.message stays as it was.
+    prefix = f"GDBus.Error:{name}: "
+    message = exc.message[len(prefix) :] if name and exc.message.startswith(prefix) else exc.message
     what = unit or method
     if name in _NOT_FOUND_ERRORS:
-        return UnitNotFound(f"{what}: {exc.message}")
+        return UnitNotFound(f"{what}: {message}")
     if exc.matches(Gio.io_error_quark(), Gio.IOErrorEnum.TIMED_OUT) or name.endswith(".NoReply"):
         return ActionTimeout(f"{what}: systemd did not answer {method} in time")
     if exc.matches(Gio.io_error_quark(), Gio.IOErrorEnum.CLOSED) or name.endswith(".Disconnected"):
@@ -286,5 +288,5 @@ def _translate(exc: GLib.Error, method: str, unit: str | None) -> Exception:
     if name.startswith("org.freedesktop.systemd1.") or name.startswith(
         "org.freedesktop.DBus.Error"
     ):
-        return UnitError(f"{what}: {method} refused: {exc.message}")
-    return BusError(f"{what}: {method} failed: {exc.message}")
+        return UnitError(f"{what}: {method} refused: {message}")
+    return BusError(f"{what}: {method} failed: {message}")

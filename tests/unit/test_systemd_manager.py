@@ -380,3 +380,12 @@ def test_kill_sends_the_signal_to_the_processes_it_names(
     manager.kill("db.service", "main", 10, soon())
 
     assert systemd.calls("KillUnit") == [("db.service", "main", 10)]
+
+
+def test_errors_carry_systemds_words_without_the_dbus_error_name(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    with pytest.raises(UnitNotFound) as raised:
+        manager.kill("nosuch.service", "all", 15, soon())
+
+    assert str(raised.value) == "nosuch.service: Unit nosuch.service not loaded."
