@@ -30,7 +30,7 @@ from .planner import PhasePlan, Plan, subset
 # ABANDON_GRACE is re-exported: the daemon adds it to the deadlines it tells the hook about.
 from .scheduler import ABANDON_GRACE as ABANDON_GRACE
 from .scheduler import Clock, Phase, Scheduler
-from .state import StateFile
+from .state import BatchedStateWriter, StateFile
 
 THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
 
@@ -76,12 +76,11 @@ class Engine:
     ) -> None:
         self._config = config
         self._state_file = state_file
-        # Guards ``_paused`` itself (app threads add and drop entries while a save copies it)
-        # and the group commit of saves below.
-        self._paused_lock = threading.Condition()
-        self._save_requested = 0  # tickets: each _save() call takes the next one
-        self._save_done = 0  # every ticket up to this one is on disk
-        self._saving = False
+        # Guards ``_paused`` itself: app threads add and drop entries while a save copies it.
+        self._paused_lock = threading.Lock()
+        self._writer = (
+            None if state_file is None else BatchedStateWriter(state_file, self._snapshot)
+        )
         self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
         self._scheduler = Scheduler(clock, abandon_grace)
         self._plan = plan
@@ -370,48 +369,24 @@ class Engine:
 
     def _save(self) -> None:
         """Write what is paused to the state file; called before anything is paused, and after
-        every change.  tmpfs: this never waits on a frozen disk.
-
-        Group commit: with hundreds of apps pausing at once, each caller needs *a* write that
-        started after its change, not a write of its own.  One caller writes while the others
-        wait; the next write, from a snapshot taken after all of them arrived, covers them all.
-        """
-        if self._state_file is None:
-            return
-        with self._paused_lock:
-            self._save_requested += 1
-            ticket = self._save_requested
-            while self._save_done < ticket:
-                if self._saving:
-                    self._paused_lock.wait()
-                    continue
-                self._saving = True
-                covered = self._save_requested
-                snapshot = self._snapshot()
-                self._paused_lock.release()
-                written = False
-                try:
-                    self._state_file.save(snapshot)
-                    written = True
-                finally:
-                    self._paused_lock.acquire()
-                    self._saving = False
-                    if written:  # else a waiting caller writes instead; this one raises
-                        self._save_done = covered
-                    self._paused_lock.notify_all()
+        every change.  tmpfs: this never waits on a frozen disk."""
+        if self._writer is not None:
+            self._writer.save()
 
     def _snapshot(self) -> dict[str, Any]:
-        # Called with _paused_lock held.  Actions change their own record (a dict of lists) in
-        # their threads; dict.copy() and list() copy in one step under the GIL, so the copy is
-        # never taken from a dict that is half-way through a change.
+        # Actions change their own record (a dict of lists) in their threads; dict.copy() and
+        # list() copy in one step under the GIL, so the copy is never taken from a dict that is
+        # half-way through a change.  The lock keeps apps from being added or dropped meanwhile.
+        with self._paused_lock:
+            paused = {
+                app: {k: list(v) for k, v in r.copy().items()} for app, r in self._paused.items()
+            }
         return {
             "state": self._state,
             "cycle": self._cycle,
             "frozen_at": self._frozen_at,
             "watchdog_at": self._watchdog_at,
-            "paused": {
-                app: {k: list(v) for k, v in r.copy().items()} for app, r in self._paused.items()
-            },
+            "paused": paused,
         }
 
     def recover(self, saved: Mapping[str, Any]) -> list[str]:

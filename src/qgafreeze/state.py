@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from . import paths
 
@@ -50,3 +50,51 @@ class StateFile:
             self.error = f"ignoring cycle state {self.path} of an unknown version"
             return None
         return data
+
+
+class BatchedStateWriter:
+    """Saves what ``snapshot`` returns to a StateFile, sharing writes among concurrent callers.
+
+    Group commit: with hundreds of apps pausing at once, each caller needs *a* write that started
+    after its change, not a write of its own.  One caller writes while the others wait; the next
+    write, from a snapshot taken after all of them arrived, covers them all.
+    """
+
+    def __init__(
+        self,
+        file: StateFile,
+        snapshot: Callable[[], dict[str, Any]],
+        condition: threading.Condition | None = None,
+    ) -> None:
+        self._file = file
+        # Taken without our lock held, so it may take locks of its own (the engine's).
+        self._snapshot = snapshot
+        self._condition = condition or threading.Condition()
+        self._requested = 0  # tickets: each save() call takes the next one
+        self._done = 0  # every ticket up to this one is on disk
+        self._saving = False
+
+    def save(self) -> None:
+        """Returns once a write that started after this call has completed.  A write that raised
+        does not count: its caller gets the exception, and a caller it would have covered writes
+        again."""
+        with self._condition:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket:
+                if self._saving:
+                    self._condition.wait()
+                    continue
+                self._saving = True
+                covered = self._requested  # every caller up to here changed what it saves
+                self._condition.release()
+                written = False
+                try:
+                    self._file.save(self._snapshot())
+                    written = True
+                finally:
+                    self._condition.acquire()
+                    self._saving = False
+                    if written:
+                        self._done = covered
+                    self._condition.notify_all()
