@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import fields
+from . import fields, schema
 from .fields import Problems
 from .model import (
     LEGACY_APP,
@@ -22,19 +22,9 @@ from .presets import PRESETS, apply_preset
 
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-_APP_KEYS = (
-    "preset",
-    "units",
-    "mode",
-    "session",
-    "freeze",
-    "thaw",
-    "depends_on",
-    "timeout",
-    "on_failure",
-)
-_SESSION_KEYS = ("argv", "user", "env", "cwd", "open", "ready", "close")
-_STEP_KEYS = ("exec", "shell", "signal", "user", "env", "cwd", "timeout", "units", "whom")
+
+def _default(section: schema.Section, key: str) -> Any:
+    return section.key(key).value
 
 
 def _apply_preset(problems: Problems, path: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -53,10 +43,10 @@ def _session(problems: Problems, path: str, raw: Any) -> Session | None:
     if not isinstance(raw, dict):
         problems.add(path, f"expected a mapping, got {fields.kind(raw)}")
         return None
-    fields.check_keys(problems, path, raw, _SESSION_KEYS)
+    fields.check_keys(problems, path, raw, schema.SESSION)
     texts = {}
     for key in ("open", "close"):
-        value = raw.get(key, "")
+        value = raw.get(key, _default(schema.SESSION, key))
         if not isinstance(value, str):
             problems.add(f"{path}.{key}", f"expected text, got {fields.kind(value)}")
             value = ""
@@ -87,7 +77,7 @@ def _step(problems: Problems, path: str, raw: Any) -> Step | None:
             path, f"expected a mapping such as {{exec: [program, arg]}}, got {fields.kind(raw)}"
         )
         return None
-    fields.check_keys(problems, path, raw, _STEP_KEYS)
+    fields.check_keys(problems, path, raw, schema.STEP)
     kinds = [k for k in ("exec", "shell", "signal") if k in raw]
     if len(kinds) != 1:
         problems.add(path, "needs exactly one of exec (argv list), shell (command text), signal")
@@ -109,7 +99,7 @@ def _step(problems: Problems, path: str, raw: Any) -> Step | None:
                 f"{path}.signal", f"expected a signal such as USR1, got {fields.kind(name)}"
             )
             name = ""
-        whom = raw.get("whom", "all")
+        whom = raw.get("whom", _default(schema.STEP, "whom"))
         if whom not in WHOM:
             problems.add(
                 f"{path}.whom", f"expected one of {', '.join(WHOM)}, got {fields.kind(whom)}"
@@ -167,7 +157,7 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
     if not isinstance(raw, dict):
         problems.add(path, f"expected a mapping, got {fields.kind(raw)}")
         return None
-    fields.check_keys(problems, path, raw, _APP_KEYS)
+    fields.check_keys(problems, path, raw, schema.APP)
     raw = _apply_preset(problems, path, raw)
 
     units = fields.units(problems, f"{path}.units", raw.get("units"))
@@ -179,23 +169,24 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
     if not any(key in raw for key in ("units", "session", "freeze", "thaw", "preset")):
         problems.add(path, "no action: add units, session, freeze or thaw steps, or a preset")
 
-    mode = raw.get("mode", "stop")
+    mode = raw.get("mode", _default(schema.APP, "mode"))
     if mode not in MODES:
         problems.add(f"{path}.mode", f"expected one of {', '.join(MODES)}, got {fields.kind(mode)}")
-        mode = "stop"
+        mode = _default(schema.APP, "mode")
     elif "mode" in raw and not units:
         problems.add(f"{path}.mode", "applies to units; this app lists none")
 
-    on_failure = raw.get("on_failure", "abort")
+    on_failure = raw.get("on_failure", _default(schema.APP, "on_failure"))
     if on_failure not in ON_FAILURE_CHOICES:
         problems.add(
             f"{path}.on_failure",
             f"expected one of {', '.join(ON_FAILURE_CHOICES)}, got {fields.kind(on_failure)}",
         )
-        on_failure = "abort"
+        on_failure = _default(schema.APP, "on_failure")
 
     depends_on = []
-    for item_path, dep in fields.string_list(problems, f"{path}.depends_on", raw.get("depends_on")):
+    raw_deps = raw.get("depends_on", _default(schema.APP, "depends_on"))
+    for item_path, dep in fields.string_list(problems, f"{path}.depends_on", raw_deps):
         if dep in depends_on:
             problems.add(item_path, f"{dep!r} is listed twice")
         else:
@@ -205,11 +196,28 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         name=name,
         units=units,
         depends_on=tuple(depends_on),
-        timeout=fields.duration(problems, f"{path}.timeout", raw.get("timeout"), App.timeout),
+        timeout=fields.duration(
+            problems, f"{path}.timeout", raw.get("timeout"), _timeout_default()
+        ),
         on_failure=on_failure,
         mode=mode,
         session=session,
         freeze=freeze,
         thaw=thaw,
         preset=raw.get("preset") if isinstance(raw.get("preset"), str) else None,
+    )
+
+
+def _timeout_default() -> float:
+    return fields.parse_duration(_default(schema.APP, "timeout"))
+
+
+def legacy_app(directory: str, timeout: float) -> App:
+    """The app made from settings.legacy_hooks: other apps may depend on it by its name."""
+    return App(
+        name=LEGACY_APP,
+        legacy_hooks=directory,
+        timeout=timeout,
+        on_failure=_default(schema.APP, "on_failure"),
+        mode=_default(schema.APP, "mode"),
     )

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from . import fields
-from .appconfig import parse_app
+from . import fields, schema
+from .appconfig import legacy_app, parse_app
 from .errors import ConfigError
 from .fields import ACCOUNT_NAME, Problems
-from .model import CONFIG_VERSION, LEGACY_APP, App, Config, Settings
+from .model import CONFIG_VERSION, App, Config, Settings
 from .trust import check_file_permissions, host_problems
 
 
@@ -54,104 +54,54 @@ _StrictLoader.add_constructor(
 
 
 def _parse_settings(problems: Problems, raw: Any) -> Settings:
-    defaults = Settings()
     if raw is None:
-        return defaults
-    if not isinstance(raw, dict):
+        raw = {}
+    elif not isinstance(raw, dict):
         problems.add("settings", f"expected a mapping, got {fields.kind(raw)}")
-        return defaults
-    fields.check_keys(
-        problems,
-        "settings",
-        raw,
-        (
-            "freeze_timeout",
-            "thaw_timeout",
-            "max_frozen",
-            "hook_log",
-            "socket",
-            "agent_state_file",
-            "legacy_hooks",
-            "legacy_hook_timeout",
-            "allowed_group",
-        ),
-    )
-    allowed_group = None
-    if raw.get("allowed_group") is not None:
-        value = raw["allowed_group"]
-        # Whether the group exists is the host's business (trust.host_problems), not parsing's.
-        if isinstance(value, str) and ACCOUNT_NAME.match(value):
-            allowed_group = value
-        else:
-            problems.add(
-                "settings.allowed_group", f"expected a group name, got {fields.kind(value)}"
-            )
-    legacy_hooks = None
-    if raw.get("legacy_hooks") is not None:
-        value = raw["legacy_hooks"]
-        if isinstance(value, str) and value.startswith("/"):
-            legacy_hooks = value.rstrip("/") or "/"
-        else:
-            problems.add(
-                "settings.legacy_hooks", f"expected an absolute directory, got {fields.kind(value)}"
-            )
-    hook_log: str | None = defaults.hook_log
-    if "hook_log" in raw:
-        value = raw["hook_log"]
-        if value is None or value is False:
-            hook_log = None
-        elif isinstance(value, str) and value.startswith("/"):
-            hook_log = value
-        else:
-            problems.add(
-                "settings.hook_log", f"expected an absolute path or null, got {fields.kind(value)}"
-            )
-    agent_state_file = defaults.agent_state_file
-    if "agent_state_file" in raw:
-        value = raw["agent_state_file"]
-        if value is None or value is False:
-            agent_state_file = None
-        elif isinstance(value, str) and value.startswith("/") and not value.endswith("/"):
-            agent_state_file = value
-        else:
-            problems.add(
-                "settings.agent_state_file",
-                f"expected an absolute file path or null, got {fields.kind(value)}",
-            )
-    socket = defaults.socket
-    if "socket" in raw:
-        value = raw["socket"]
-        if not isinstance(value, str) or not value.startswith("/"):
-            problems.add("settings.socket", f"expected an absolute path, got {fields.kind(value)}")
-        elif len(value.encode()) >= 108:
-            problems.add("settings.socket", "a unix socket path must be shorter than 108 bytes")
-        else:
-            socket = value
+        raw = {}
+    fields.check_keys(problems, "settings", raw, schema.SETTINGS)
+    # What the administrator wrote, or else the schema's default, checked the same way: the
+    # defaults are written once, in the schema, as an administrator would write them.
+    given = {key.name: raw.get(key.name, key.value) for key in schema.SETTINGS.keys}
+
+    def seconds(name: str, zero_ok: bool = False) -> float:
+        fallback = fields.parse_duration(schema.SETTINGS.key(name).value)
+        return fields.duration(problems, f"settings.{name}", given[name], fallback, zero_ok=zero_ok)
+
+    def absolute(name: str, expected: str, null_ok: bool = True, file: bool = False) -> str | None:
+        value = given[name]
+        if value is None or (value is False and null_ok):
+            return None
+        if isinstance(value, str) and value.startswith("/") and not (file and value.endswith("/")):
+            return value
+        problems.add(f"settings.{name}", f"expected {expected}, got {fields.kind(value)}")
+        return None
+
+    legacy_hooks = absolute("legacy_hooks", "an absolute directory", null_ok=False)
+    allowed_group = given["allowed_group"]
+    # Whether the group exists is the host's business (trust.host_problems), not parsing's.
+    if allowed_group is not None and not (
+        isinstance(allowed_group, str) and ACCOUNT_NAME.match(allowed_group)
+    ):
+        problems.add(
+            "settings.allowed_group", f"expected a group name, got {fields.kind(allowed_group)}"
+        )
+        allowed_group = None
+    socket = given["socket"]
+    if not isinstance(socket, str) or not socket.startswith("/"):
+        problems.add("settings.socket", f"expected an absolute path, got {fields.kind(socket)}")
+    elif len(socket.encode()) >= 108:
+        problems.add("settings.socket", "a unix socket path must be shorter than 108 bytes")
     return Settings(
-        freeze_timeout=fields.duration(
-            problems, "settings.freeze_timeout", raw.get("freeze_timeout"), defaults.freeze_timeout
-        ),
-        thaw_timeout=fields.duration(
-            problems, "settings.thaw_timeout", raw.get("thaw_timeout"), defaults.thaw_timeout
-        ),
-        max_frozen=fields.duration(
-            problems,
-            "settings.max_frozen",
-            raw.get("max_frozen"),
-            defaults.max_frozen,
-            zero_ok=True,
-        ),
-        hook_log=hook_log,
-        socket=socket,
-        agent_state_file=agent_state_file,
-        legacy_hooks=legacy_hooks,
+        freeze_timeout=seconds("freeze_timeout"),
+        thaw_timeout=seconds("thaw_timeout"),
+        max_frozen=seconds("max_frozen", zero_ok=True),
+        hook_log=absolute("hook_log", "an absolute path or null"),
+        socket=str(socket),
+        agent_state_file=absolute("agent_state_file", "an absolute file path or null", file=True),
+        legacy_hooks=legacy_hooks and (legacy_hooks.rstrip("/") or "/"),
+        legacy_hook_timeout=seconds("legacy_hook_timeout"),
         allowed_group=allowed_group,
-        legacy_hook_timeout=fields.duration(
-            problems,
-            "settings.legacy_hook_timeout",
-            raw.get("legacy_hook_timeout"),
-            defaults.legacy_hook_timeout,
-        ),
     )
 
 
@@ -192,7 +142,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"expected a mapping at the top level, got {fields.kind(data)}"])
-    fields.check_keys(problems, "", data, ("version", "settings", "apps"))
+    fields.check_keys(problems, "", data, schema.TOP)
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION or isinstance(version, bool):
         problems.add("version", f"unsupported version {version!r} (this qgafreeze reads 1)")
@@ -211,13 +161,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
             apps.append(app)
     if settings.legacy_hooks:
         # The old hook directory is one more app: other apps may depend on it by this name.
-        apps.append(
-            App(
-                name=LEGACY_APP,
-                legacy_hooks=settings.legacy_hooks,
-                timeout=settings.freeze_timeout,
-            )
-        )
+        apps.append(legacy_app(settings.legacy_hooks, settings.freeze_timeout))
 
     names = {app.name for app in apps}
     for app in apps:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from .model import ALLOWED_UNIT_SUFFIXES, PROTECTED_UNITS, join_path, normalize_unit
+from .schema import Section
 
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
 # User and group names as useradd and groupadd accept them.
@@ -53,13 +54,12 @@ class Problems:
         self.items.append(f"{path}: {message}" if path else message)
 
 
-def check_keys(
-    problems: Problems, path: str, data: dict[Any, Any], allowed: tuple[str, ...]
-) -> None:
+def check_keys(problems: Problems, path: str, data: dict[Any, Any], section: Section) -> None:
+    """Every key of ``data`` that the schema's ``section`` does not declare is an error."""
     for key in data:
-        if key not in allowed:
+        if key not in section.names:
             where = join_path(path, key)
-            problems.add(where, f"unknown key (allowed: {', '.join(allowed)})")
+            problems.add(where, f"unknown key (allowed: {', '.join(section.names)})")
 
 
 def duration(

@@ -10,8 +10,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import paths
-
 CONFIG_VERSION = 1
 
 ON_FAILURE_CHOICES = ("abort", "continue")
@@ -81,17 +79,20 @@ def join_path(path: str, key: Any) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    freeze_timeout: float = 60.0
-    thaw_timeout: float = 120.0
-    max_frozen: float = 900.0  # watchdog; 0 disables it
-    hook_log: str | None = paths.HOOK_LOG  # None: no compatible hook log
-    socket: str = paths.SOCKET
-    agent_state_file: str | None = paths.AGENT_STATE_FILE  # None: do not watch qemu-ga
-    legacy_hooks: str | None = None  # an old fsfreeze-hook.d to run as one more app
-    legacy_hook_timeout: float = 30.0  # per script
+    """The ``settings:`` section.  No defaults here: ``schema.SETTINGS`` holds them, written as an
+    administrator would write them, and the parser reads an absent setting as its default."""
+
+    freeze_timeout: float
+    thaw_timeout: float
+    max_frozen: float  # watchdog; 0 disables it
+    hook_log: str | None  # None: no compatible hook log
+    socket: str
+    agent_state_file: str | None  # None: do not watch qemu-ga
+    legacy_hooks: str | None  # an old fsfreeze-hook.d to run as one more app
+    legacy_hook_timeout: float  # per script
     # Its members may use the socket too; None: root only.  A name, resolved where it is used
     # (trust.resolve_group), so that parsing a config never depends on the host's groups.
-    allowed_group: str | None = None
+    allowed_group: str | None
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,12 @@ class Session:
 @dataclass(frozen=True)
 class App:
     name: str
+    # Their defaults are schema.APP's, applied by the parser.
+    timeout: float
+    on_failure: str
+    mode: str  # what happens to units: stop, or freeze (cgroup freezer)
     units: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
-    timeout: float = 30.0
-    on_failure: str = "abort"
-    mode: str = "stop"  # what happens to units: stop, or freeze (cgroup freezer)
     session: Session | None = None
     freeze: tuple[Step, ...] = ()
     thaw: tuple[Step, ...] = ()

@@ -14,49 +14,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qgafreeze import shim
+from qgafreeze import schema, shim
 from qgafreeze.config import parse_text
 from qgafreeze.errors import ConfigError
 from qgafreeze.server import Peer, Send, Server, bind_listener
 
-# Keys the loader knows, mixed with junk, so that documents get deep into validation.
-KEYS = st.sampled_from(
-    [
-        "version",
-        "settings",
-        "apps",
-        "units",
-        "depends_on",
-        "timeout",
-        "on_failure",
-        "mode",
-        "session",
-        "freeze",
-        "thaw",
-        "preset",
-        "exec",
-        "shell",
-        "signal",
-        "user",
-        "env",
-        "cwd",
-        "argv",
-        "open",
-        "ready",
-        "close",
-        "whom",
-        "freeze_timeout",
-        "thaw_timeout",
-        "max_frozen",
-        "hook_log",
-        "socket",
-        "legacy_hooks",
-        "db",
-        "web",
-        "mariadb",
-        "x",
-    ]
-) | st.text(min_size=1, max_size=8)
+# Every key the schema declares, at any level, and app names, mixed with junk, so that documents
+# get deep into validation.  Taken from the schema: a key added there is fuzzed here too.
+SCHEMA_KEYS = sorted({key.name for section in schema.SECTIONS for key in section.keys})
+APP_NAMES = ["db", "web", "mariadb", "x"]
+KEYS = st.sampled_from(SCHEMA_KEYS + APP_NAMES) | st.text(min_size=1, max_size=8)
 SCALARS = (
     st.none()
     | st.booleans()
