@@ -313,7 +313,7 @@ def test_invalid_config_at_start_refuses_freezes_with_the_errors_until_fixed(thr
     c = three_apps
     configure(c, "version: 1\napps:\n  db: {units: [qgft-db], depends_on: [nosuch]}\n")
     code, out = hook(c, "freeze")
-    assert code == 1
+    assert code == 2  # errors.EXIT_CONFIG: the hook's status says why, as the README promises
     assert "[config-invalid]" in out
     assert "apps.db.depends_on[0]: unknown app 'nosuch'" in out
     assert active(c, *THREE_UNITS) == ["active"] * 3
