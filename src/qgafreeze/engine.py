@@ -314,15 +314,13 @@ class Engine:
         except Exception as exc:  # a bug must fail one app, not the cycle or the daemon
             result, message = FAILED, f"internal error: {exc!r}"
             self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
-        outcome = AppOutcome(
-            app=app,
-            phase=phase,
-            result=result,
-            duration_ms=elapsed_ms(self._clock() - started),
-            message=message,
-            output=tuple(ctx.output),
-            units=self._config.app(app).units,
-            actions=self._config.app(app).action_kinds,
+        outcome = AppOutcome.of(
+            self._config.app(app),
+            phase,
+            result,
+            elapsed_ms(self._clock() - started),
+            message,
+            ctx.output,
         )
         self._events.app_finished(cycle, outcome)
         return outcome
@@ -346,7 +344,7 @@ class Engine:
         config, cycle, events = self._config, self._cycle, self._events
 
         def outcome(app: str, result: str, duration_ms: int, message: str) -> AppOutcome:
-            return AppOutcome(app, label, result, duration_ms, message, units=config.app(app).units)
+            return AppOutcome.of(config.app(app), label, result, duration_ms, message)
 
         return self._scheduler.run(
             Phase(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .model import App
 
 OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
 
@@ -18,6 +21,30 @@ class AppOutcome:
     output: tuple[str, ...] = ()
     units: tuple[str, ...] = ()  # the units the app declares, for logs
     actions: tuple[str, ...] = ()  # the kinds of action the app has, for logs
+
+    @classmethod
+    def of(
+        cls,
+        app: App,
+        phase: str,
+        result: str,
+        duration_ms: int,
+        message: str = "",
+        output: Sequence[str] = (),
+    ) -> AppOutcome:
+        """The outcome of ``app``, naming its units and kinds of action as the config declares
+        them: journald's fields for an app are the same whether it ran, timed out or was skipped.
+        """
+        return cls(
+            app=app.name,
+            phase=phase,
+            result=result,
+            duration_ms=duration_ms,
+            message=message,
+            output=tuple(output),
+            units=app.units,
+            actions=app.action_kinds,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

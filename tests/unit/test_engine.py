@@ -335,3 +335,22 @@ def test_action_stuck_past_its_deadline_is_abandoned_and_rolled_back():
     assert report.apps[0].message == "did not return by its deadline"
     assert action.resumed == [["stuck.service"]]
     assert engine.state == THAWED
+
+
+def test_every_outcome_names_the_apps_units_and_actions_even_when_the_app_never_ran():
+    # journald's QGAFREEZE_UNIT and QGAFREEZE_ACTION find an app's records whatever became of it.
+    systemd = FakeSystemd(all_active("dep.service", "user.service"))
+    systemd.fail_stop = {"user.service"}
+    engine, events = make_engine(
+        {
+            "dep": {"units": ["dep.service"]},
+            "user": {"units": ["user.service"], "depends_on": ["dep"]},
+        },
+        systemd,
+    )
+    report = engine.freeze()
+    for outcome in [*report.apps, *report.rollback]:
+        assert (outcome.units, outcome.actions) == ((f"{outcome.app}.service",), ("units",))
+    skipped = report.apps[1]
+    assert (skipped.app, skipped.result) == ("dep", "skipped")
+    assert skipped in events.finished
