@@ -12,13 +12,16 @@ the top of the source tree::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import paths
 from .agentwatch import THAW_HOOK_GRACE
+from .errors import EXIT_USAGE
 from .model import CONFIG_VERSION, LEGACY_APP, MODES, ON_FAILURE_CHOICES, SIGNALS, WHOM
 from .presets import PRESETS
 
@@ -40,8 +43,7 @@ class Key:
 @dataclass(frozen=True)
 class Section:
     title: str  # as the man page heads it
-    place: str  # where its keys sit, as messages name them
-    intro: str
+    intro: str  # where its keys go and what they are, for the man page
     keys: tuple[Key, ...]
 
     @property
@@ -62,8 +64,7 @@ _ENV = "mapping of NAME: value"
 
 TOP = Section(
     "TOP LEVEL",
-    "",
-    "The file is one YAML mapping with these keys; all of them are optional.",
+    "The file is one YAML mapping with these keys, all of them optional.",
     (
         Key(
             "version",
@@ -72,15 +73,16 @@ TOP = Section(
             str(CONFIG_VERSION),
             (str(CONFIG_VERSION),),
         ),
-        Key("settings", "mapping (SETTINGS)", "How the daemon works; every setting is optional."),
-        Key("apps", "mapping of app name to app (APPS)", "The applications to quiesce."),
+        Key(
+            "settings", "mapping, see SETTINGS", "How the daemon works; every setting is optional."
+        ),
+        Key("apps", "mapping of app names, see APPS", "The applications to quiesce."),
     ),
 )
 
 SETTINGS = Section(
     "SETTINGS",
-    "settings",
-    "Every setting is optional; the default is what an absent setting means.",
+    "Under settings; every setting is optional, and its default is what leaving it out means.",
     (
         Key(
             "freeze_timeout",
@@ -137,9 +139,9 @@ SETTINGS = Section(
 
 APP = Section(
     "APPS",
-    "apps.NAME",
-    "Each key under apps names an application (letters, digits, _ . -); its value says what to"
-    " do with it.  An app needs units, a session, steps or a preset.",
+    "Each key under apps names an application (letters, digits, _ . and -, starting with a letter"
+    " or a digit) and maps to these keys.  An app needs units, a session, steps or a preset."
+    "  Apps are quiesced in parallel, except where depends_on orders them.",
     (
         Key(
             "preset",
@@ -160,11 +162,11 @@ APP = Section(
             MODES[0],
             MODES,
         ),
-        Key("session", "mapping (SESSION)", "A process held open from freeze to thaw."),
-        Key("freeze", "list of steps (STEPS)", "Steps run in order on freeze, before the rest."),
+        Key("session", "mapping, see SESSION", "A process held open from freeze to thaw."),
+        Key("freeze", "list of steps, see STEPS", "Steps run in order on freeze, before the rest."),
         Key(
             "thaw",
-            "list of steps (STEPS)",
+            "list of steps, see STEPS",
             "Steps run on thaw (and on rollback) when the freeze steps ran.",
         ),
         Key(
@@ -186,9 +188,8 @@ APP = Section(
 
 SESSION = Section(
     "SESSION",
-    "apps.NAME.session",
-    "A session is one process started at freeze and kept running until the thaw, such as a"
-    " database client whose lock lasts as long as its connection.",
+    "Under apps.NAME.session: one process started at freeze and kept running until the thaw,"
+    " such as a database client whose lock lasts as long as its connection.",
     (
         Key("argv", _COMMAND, "The program and its arguments, run without a shell; required."),
         Key("user", "user name", "Run it as this user instead of root."),
@@ -211,9 +212,8 @@ SESSION = Section(
 
 STEP = Section(
     "STEPS",
-    "apps.NAME.freeze[N]",
-    "A step is one of exec, shell or signal, in the freeze or thaw list of an app.  A failed or"
-    " timed-out step fails the app.",
+    "Each item of apps.NAME.freeze and apps.NAME.thaw is a step: exactly one of exec, shell or"
+    " signal, with the keys that apply to it.  A failed or timed-out step fails the app.",
     (
         Key("exec", _COMMAND, "Run this program with these arguments, without a shell."),
         Key("shell", "command line", "Run this with /bin/sh -c (only when you write shell)."),
@@ -243,3 +243,151 @@ STEP = Section(
 )
 
 SECTIONS = (TOP, SETTINGS, APP, SESSION, STEP)
+
+
+# -- the documents made from it ----------------------------------------------------------------
+
+README_BEGIN = "<!-- schema:settings begin -->\n"
+README_END = "<!-- schema:settings end -->"
+MAN_PAGE = "docs/qgafreeze.yaml.5"
+
+
+def markdown_settings() -> str:
+    """The README's table of settings."""
+    lines = ["| setting | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for key in SETTINGS.keys:
+        lines.append(f"| `{key.name}` | {key.type} | `{key.default}` | {key.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def _roff(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def _man_key(key: Key) -> list[str]:
+    facts = [key.type]
+    if key.choices:
+        choices = ", ".join(f"\\fB{_roff(c)}\\fR" for c in key.choices)
+        facts.append(("one of " if len(key.choices) > 1 else "only ") + choices)
+    if key.default is not None:
+        facts.append(f"default \\fB{_roff(key.default)}\\fR")
+    return [".TP", f".B {key.name}", f"({'; '.join(facts)})", _roff(key.description)]
+
+
+_MAN_DESCRIPTION = """\
+.BR qgafreeze (8)
+quiesces the applications this file declares whenever qemu\\-ga freezes the guest's filesystems
+for a backup, and resumes them at the thaw.
+The daemon reads the file when it starts and on
+.BR "systemctl reload qgafreeze" ;
+.B qgafreeze check
+validates it and prints the plan.
+.PP
+The file is YAML.
+Unknown keys are errors, and every error is reported at once with its place, such as
+.BR "apps.shop.depends_on[0]: unknown app 'mariadbx'" .
+The daemon runs what the file says as root, so the file is refused when anyone but root can
+write it, or any program or hook script it runs, or a directory above them; a
+.B settings.allowed_group
+that does not exist is refused too.
+Commands and sessions run without a shell (unless a step says
+.BR shell ),
+with a clean environment, as root unless
+.B user
+says otherwise.
+"""
+
+_MAN_DURATIONS = (
+    "A duration is a number of seconds (\\fB45\\fR, \\fB1.5\\fR) or a number with a unit:"
+    " \\fBms\\fR, \\fBs\\fR, \\fBm\\fR or \\fBh\\fR"
+    " (\\fB500ms\\fR, \\fB30s\\fR, \\fB2m\\fR, \\fB1h\\fR)."
+)
+
+
+MAN_EXAMPLE = """\
+version: 1
+settings:
+  freeze_timeout: 60s
+apps:
+  mariadb:
+    preset: mariadb
+  shop:
+    units: [shop-web.service, shop-worker.service]
+    depends_on: [mariadb]     # stopped before mariadb, started after it
+  cache:
+    freeze:
+      - {signal: USR1, units: [cache.service], whom: main}
+    thaw:
+      - {exec: [/usr/local/bin/cache-ctl, resume], user: cache}
+"""
+
+
+def man_page() -> str:
+    """qgafreeze.yaml(5), in troff."""
+    lines = [
+        '.\\" Generated from src/qgafreeze/schema.py: edit it there, then run',
+        '.\\" python3 -m qgafreeze.schema write (tests/unit/test_schema.py compares the two).',
+        '.TH QGAFREEZE.YAML 5 "" "qgafreeze" "File Formats"',
+        ".nh",
+        ".SH NAME",
+        "qgafreeze.yaml \\- the applications qgafreeze quiesces around QEMU guest\\-agent freezes",
+        ".SH SYNOPSIS",
+        f".I {_roff(paths.CONFIG)}",
+        ".SH DESCRIPTION",
+        _MAN_DESCRIPTION.rstrip("\n"),
+    ]
+    for section in SECTIONS:
+        lines += [f'.SH "{section.title}"', _roff(section.intro)]
+        for key in section.keys:
+            lines += _man_key(key)
+    lines += [".SH DURATIONS", _MAN_DURATIONS, ".SH EXAMPLE", ".RS", ".nf"]
+    lines += [_roff(line) for line in MAN_EXAMPLE.splitlines()]
+    lines += [".fi", ".RE", ".SH FILES", ".TP"]
+    lines += [f".I {_roff(paths.CONFIG)}", "The configuration.", ".TP"]
+    lines += [".I /usr/share/doc/qgafreeze/qgafreeze.yaml.example"]
+    lines += ["The example, every key with a comment."]
+    lines += ['.SH "SEE ALSO"', ".BR qgafreeze (8),", ".BR qemu\\-ga (8)"]
+    return "\n".join(lines) + "\n"
+
+
+def documents(root: Path) -> dict[Path, str]:
+    """Each generated file of the source tree at ``root``, with the text the schema makes of it."""
+    readme = (root / "README.md").read_text()
+    begin = readme.index(README_BEGIN) + len(README_BEGIN)
+    end = readme.index(README_END, begin)
+    readme = readme[:begin] + markdown_settings() + readme[end:]
+    return {root / MAN_PAGE: man_page(), root / "README.md": readme}
+
+
+def stale_documents(root: Path) -> list[Path]:
+    """The generated files that differ from what the schema makes."""
+    made = documents(root)
+    return [path for path, text in made.items() if not path.exists() or path.read_text() != text]
+
+
+def write_documents(root: Path) -> list[Path]:
+    """Regenerate the man page and the README's table of settings; return the files changed."""
+    made, stale = documents(root), stale_documents(root)
+    for path in stale:
+        path.write_text(made[path])
+    return stale
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    root = Path(argv[1] if len(argv) == 2 else ".")
+    if command not in ("markdown", "man", "write", "check") or len(argv) > 2:
+        print("usage: python3 -m qgafreeze.schema markdown|man|write|check [TREE]", file=sys.stderr)
+        return EXIT_USAGE
+    if command in ("markdown", "man"):
+        print(markdown_settings() if command == "markdown" else man_page(), end="")
+        return 0
+    stale = write_documents(root) if command == "write" else stale_documents(root)
+    for path in stale:
+        print(f"wrote {path}" if command == "write" else f"{path}: run {__name__} write")
+    return 1 if stale and command == "check" else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

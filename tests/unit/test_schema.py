@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from qgafreeze import schema
-from qgafreeze.config import parse_config
+from qgafreeze.config import load_file, parse_config, parse_text
 from qgafreeze.errors import ConfigError
 from qgafreeze.fields import parse_duration
 from qgafreeze.model import App, Session, Settings, Step
@@ -128,3 +134,89 @@ def test_every_key_is_described_and_every_default_is_one_of_its_choices(section,
     assert "\n" not in key.description
     if key.choices and key.default is not None:
         assert key.default in key.choices
+
+
+# -- the documents -----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "qgafreeze.yaml"
+
+
+def keys_used(data: dict[str, Any]) -> dict[str, set[str]]:
+    """The keys a config document writes, by schema section."""
+    apps = list((data.get("apps") or {}).values())
+    sessions = [app["session"] for app in apps if "session" in app]
+    steps = [step for app in apps for step in app.get("freeze", []) + app.get("thaw", [])]
+    return {
+        "TOP LEVEL": set(data),
+        "SETTINGS": set(data.get("settings") or {}),
+        "APPS": {key for app in apps for key in app},
+        "SESSION": {key for session in sessions for key in session},
+        "STEPS": {key for step in steps for key in step},
+    }
+
+
+def test_the_example_config_writes_every_key_of_the_schema():
+    used = keys_used(yaml.safe_load(EXAMPLE.read_text()))
+    for section in schema.SECTIONS:
+        missing = set(section.names) - used[section.title]
+        assert not missing, f"config/qgafreeze.yaml lacks {section.title} keys {sorted(missing)}"
+
+
+def test_the_example_config_shows_every_setting_with_the_schemas_default():
+    settings = yaml.safe_load(EXAMPLE.read_text())["settings"]
+    assert list(settings) == list(schema.SETTINGS.names)
+    for key in schema.SETTINGS.keys:
+        assert settings[key.name] == key.value, key.name
+    assert load_file(str(EXAMPLE)).settings == parse_config({}).settings
+
+
+def test_the_readme_table_of_settings_is_the_one_the_schema_makes():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split(schema.README_BEGIN, 1)[1].split(schema.README_END, 1)[0]
+    assert table == schema.markdown_settings(), "run: python3 -m qgafreeze.schema write"
+
+
+def test_the_readme_names_every_key_of_the_schema():
+    readme = (REPO / "README.md").read_text()
+    for section in schema.SECTIONS:
+        for name in section.names:
+            assert re.search(rf"\b{name}\b", readme), f"README.md never names {name}"
+
+
+def test_the_readme_example_is_a_valid_config():
+    readme = (REPO / "README.md").read_text()
+    declare = readme.split("## Declare your applications", 1)[1]
+    assert parse_text(declare.split("```yaml\n", 1)[1].split("```", 1)[0]).apps
+
+
+def test_the_man_page_is_the_one_the_schema_makes():
+    page = (REPO / schema.MAN_PAGE).read_text()
+    assert page == schema.man_page(), "run: python3 -m qgafreeze.schema write"
+    for section in schema.SECTIONS:
+        described = page.split(f'.SH "{section.title}"\n', 1)[1].split(".SH ", 1)[0]
+        for name in section.names:
+            assert f".TP\n.B {name}\n" in described, f"{section.title}: {name}"
+
+
+def test_the_man_pages_example_is_a_valid_config():
+    assert parse_text(schema.MAN_EXAMPLE).apps
+
+
+def test_write_brings_stale_documents_back_to_the_schema(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / schema.MAN_PAGE).write_text("stale\n")
+    readme = (REPO / "README.md").read_text()
+    begin = readme.index(schema.README_BEGIN) + len(schema.README_BEGIN)
+    (tmp_path / "README.md").write_text(readme[:begin] + "| stale |\n" + readme[begin:])
+    check = [sys.executable, "-m", "qgafreeze.schema", "check", str(tmp_path)]
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    assert subprocess.run(check, env=env, capture_output=True).returncode == 1
+    write = [sys.executable, "-m", "qgafreeze.schema", "write", str(tmp_path)]
+    assert subprocess.run(write, env=env, capture_output=True).returncode == 0
+    assert schema.stale_documents(tmp_path) == []
+    assert (tmp_path / "README.md").read_text() == readme
+
+
+def test_the_committed_documents_are_current():
+    assert schema.stale_documents(REPO) == []
