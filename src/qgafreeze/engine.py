@@ -9,28 +9,32 @@ States: thawed -> freezing -> frozen -> thawing -> thawed.  The rules an adminis
 * thaw with nothing frozen succeeds and changes nothing; a freeze while frozen is refused;
 * one cycle at a time: a request that arrives during a cycle is answered ``busy``, not queued;
 * the watchdog (``max_frozen``) thaws by itself when no thaw arrives in time.
+
+The engine decides which phase runs and keeps the state; ``apprunner`` runs each app's part of
+a phase, ``scheduler`` orders the apps under their deadlines, ``state`` keeps the paused table
+and writes it under /run.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .actions import Action, ActionContext, StepReport, record_is_empty
+from .actions import Action
+from .apprunner import AppEvents, AppRunner
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .model import Config
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, elapsed_ms
-from .planner import PhasePlan, Plan, subset
+from .planner import Plan
 
 # ABANDON_GRACE is re-exported: the daemon adds it to the deadlines it tells the hook about.
 from .scheduler import ABANDON_GRACE as ABANDON_GRACE
-from .scheduler import Clock, Phase, Scheduler
-from .state import BatchedStateWriter, StateFile
+from .scheduler import Clock, Scheduler
+from .state import BatchedStateWriter, PausedApps, StateFile
 
 THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
 
@@ -48,19 +52,23 @@ class CycleReport:
     note: str = ""
     duration_ms: int = 0
 
+    def summary(self) -> dict[str, Any]:
+        """The last cycle, as ``qgafreeze status`` shows it."""
+        return {
+            "op": self.op,
+            "cycle": self.cycle,
+            "reason": self.reason,
+            "ok": self.ok,
+            "duration_ms": self.duration_ms,
+            "error": self.error.message if self.error else None,
+            "apps": [o.to_dict() for o in self.apps + self.rollback],
+        }
 
-class EventSink(Protocol):
+
+class EventSink(AppEvents, Protocol):
     """Where the engine reports; logs.py writes these to journald and the hook log."""
 
-    def app_started(self, cycle: str, phase: str, app: str) -> None: ...
-
-    def app_finished(self, cycle: str, outcome: AppOutcome) -> None: ...
-
-    def step_finished(self, cycle: str, app: str, report: StepReport) -> None: ...
-
     def cycle_finished(self, report: CycleReport) -> None: ...
-
-    def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
 
 
 class Engine:
@@ -74,27 +82,36 @@ class Engine:
         abandon_grace: float = ABANDON_GRACE,
         state_file: StateFile | None = None,
     ) -> None:
-        self._config = config
+        self._events = events
+        self._clock = clock
+        self._scheduler = Scheduler(clock, abandon_grace)
         self._state_file = state_file
-        # Guards ``_paused`` itself: app threads add and drop entries while a save copies it.
-        self._paused_lock = threading.Lock()
+        # app -> what to undo, per action; survives failed thaws so the next thaw retries
+        self._paused = PausedApps()
         self._writer = (
             None if state_file is None else BatchedStateWriter(state_file, self._snapshot)
         )
-        self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
-        self._scheduler = Scheduler(clock, abandon_grace)
-        self._plan = plan
-        self._actions = actions
-        self._events = events
-        self._clock = clock
         self._cycle_lock = threading.Lock()  # held for a whole cycle
         self._state = THAWED
         self._cycle = ""
         self._frozen_at = 0.0  # wall clock, for status
-        # app -> what to undo, per action; survives failed thaws so the next thaw retries
-        self._paused: dict[str, dict[str, list[Any]]] = {}
         self._last: CycleReport | None = None
+        self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
         self._watchdog_cancel: threading.Event | None = None
+        self._configure(config, plan, actions)
+
+    def _configure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
+        self._config, self._plan, self._actions = config, plan, actions
+        self._apps = AppRunner(
+            config,
+            plan,
+            actions,
+            self._events,
+            self._paused,
+            self._save,
+            self._scheduler,
+            self._clock,
+        )
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -115,7 +132,6 @@ class Engine:
         return [app for app in self._plan.thaw.order if app in self._paused]
 
     def status(self) -> dict[str, Any]:
-        last = self._last
         return {
             "state": self._state,
             "cycle": self._cycle,
@@ -126,17 +142,7 @@ class Engine:
             else max(0, round(self._watchdog_at - time.time())),
             "state_file_error": self._state_file.error if self._state_file else None,
             "apps": list(self._config.app_names),
-            "last": None
-            if last is None
-            else {
-                "op": last.op,
-                "cycle": last.cycle,
-                "reason": last.reason,
-                "ok": last.ok,
-                "duration_ms": last.duration_ms,
-                "error": last.error.message if last.error else None,
-                "apps": [o.to_dict() for o in last.apps + last.rollback],
-            },
+            "last": None if self._last is None else self._last.summary(),
         }
 
     def reconfigure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
@@ -149,7 +155,7 @@ class Engine:
                     f"state is {self._state} with paused apps {', '.join(self.paused_apps) or '-'};"
                     " the new config was not applied: thaw first, then reload"
                 )
-            self._config, self._plan, self._actions = config, plan, actions
+            self._configure(config, plan, actions)
         finally:
             self._cycle_lock.release()
 
@@ -199,7 +205,7 @@ class Engine:
                 self._config.app(outcome.app).on_failure == "abort"
             )
 
-        report.apps = self._run_phase(self._plan.freeze, self._quiesce_app, phase_deadline, halts)
+        report.apps = self._apps.quiesce(report.cycle, phase_deadline, halts)
         # Skipped apps exist only after a halt or past the phase deadline: either way some app is
         # not quiesced, so the snapshot would not be consistent and the freeze must fail.
         abort = [o for o in report.apps if halts(o)] + [
@@ -209,7 +215,7 @@ class Engine:
             report.ok = False
             report.error = _failure(abort[0], "freeze")
             self._state = THAWING
-            report.rollback = self._resume_paused(report.cycle, "rollback")
+            report.rollback = self._apps.resume_paused(report.cycle, "rollback")
             self._state = THAWED
         else:
             self._state = FROZEN
@@ -231,7 +237,7 @@ class Engine:
             self._state = THAWED
         else:
             self._state = THAWING
-            report.apps = self._resume_paused(report.cycle, "thaw")
+            report.apps = self._apps.resume_paused(report.cycle, "thaw")
             self._state = THAWED
             failed = [o for o in report.apps if o.result != OK]
             if failed:
@@ -247,122 +253,6 @@ class Engine:
         self._last = report
         self._events.cycle_finished(report)
 
-    # -- one app -------------------------------------------------------------------------------
-
-    def _quiesce_app(
-        self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
-    ) -> AppOutcome:
-        record: dict[str, list[Any]] = {}
-        with self._paused_lock:  # before anything is paused, so a failure is always undone
-            self._paused[app] = record
-        ctx = self._context(app, deadline, record, cancel, cycle)
-        outcome = self._run_action(app, ctx, self._actions[app].quiesce, cycle, phase)
-        if record_is_empty(record) and outcome.result == OK:
-            with self._paused_lock:  # nothing was paused (all its units were already stopped)
-                del self._paused[app]
-        self._save()
-        return outcome
-
-    def _context(
-        self,
-        app: str,
-        deadline: float,
-        record: dict[str, list[Any]],
-        cancel: threading.Event,
-        cycle: str,
-    ) -> ActionContext:
-        events = self._events
-        return ActionContext(
-            deadline=deadline,
-            record=record,
-            cancelled=cancel,
-            step=lambda report: events.step_finished(cycle, app, report),
-            problem=lambda message: events.problem(message, cycle),
-            checkpoint=self._save,
-        )
-
-    def _resume_app(
-        self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str
-    ) -> AppOutcome:
-        ctx = self._context(app, deadline, self._paused[app], cancel, cycle)
-        outcome = self._run_action(app, ctx, self._actions[app].resume, cycle, phase)
-        # Paused means something is left to undo: a failure that left nothing (a session that
-        # had died) is reported, not retried.
-        if outcome.result == OK or record_is_empty(ctx.record):
-            with self._paused_lock:
-                self._paused.pop(app, None)
-        self._save()
-        return outcome
-
-    def _run_action(
-        self,
-        app: str,
-        ctx: ActionContext,
-        step: Callable[[ActionContext], None],
-        cycle: str,
-        phase: str,
-    ) -> AppOutcome:
-        self._events.app_started(cycle, phase, app)
-        started = self._clock()
-        result, message = OK, ""
-        try:
-            step(ctx)
-        except ActionTimeout as exc:
-            result, message = TIMEOUT, exc.message
-        except QgafreezeError as exc:
-            result, message = FAILED, exc.message
-        except Exception as exc:  # a bug must fail one app, not the cycle or the daemon
-            result, message = FAILED, f"internal error: {exc!r}"
-            self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
-        outcome = AppOutcome.of(
-            self._config.app(app),
-            phase,
-            result,
-            elapsed_ms(self._clock() - started),
-            message,
-            ctx.output,
-        )
-        self._events.app_finished(cycle, outcome)
-        return outcome
-
-    def _resume_paused(self, cycle: str, phase_name: str) -> list[AppOutcome]:
-        with self._paused_lock:  # an abandoned worker may still be changing it
-            paused = set(self._paused)
-        phase = subset(self._plan.thaw, paused)
-        deadline = self._clock() + self._config.settings.thaw_timeout
-        return self._run_phase(phase, self._resume_app, deadline, lambda _o: False, phase_name)
-
-    def _run_phase(
-        self,
-        phase: PhasePlan,
-        step: Callable[[str, float, threading.Event, str, str], AppOutcome],
-        deadline: float,
-        halts: Callable[[AppOutcome], bool],
-        label: str | None = None,
-    ) -> list[AppOutcome]:
-        label = label or phase.name
-        config, cycle, events = self._config, self._cycle, self._events
-
-        def outcome(app: str, result: str, duration_ms: int, message: str) -> AppOutcome:
-            return AppOutcome.of(config.app(app), label, result, duration_ms, message)
-
-        return self._scheduler.run(
-            Phase(
-                label=label,
-                order=phase.order,
-                waits_for=dict(phase.waits_for),
-                deadline=deadline,
-                timeout=lambda app: config.app(app).timeout,
-                work=lambda app, app_deadline, cancel: step(
-                    app, app_deadline, cancel, cycle, label
-                ),
-                make_outcome=outcome,
-                halts=halts,
-                not_started=lambda skipped: events.app_finished(cycle, skipped),
-                problem=lambda message, detail: events.problem(message, cycle, detail),
-            )
-        )
-
     # -- state kept outside the process ----------------------------------------------------------
 
     def _save(self) -> None:
@@ -372,19 +262,12 @@ class Engine:
             self._writer.save()
 
     def _snapshot(self) -> dict[str, Any]:
-        # Actions change their own record (a dict of lists) in their threads; dict.copy() and
-        # list() copy in one step under the GIL, so the copy is never taken from a dict that is
-        # half-way through a change.  The lock keeps apps from being added or dropped meanwhile.
-        with self._paused_lock:
-            paused = {
-                app: {k: list(v) for k, v in r.copy().items()} for app, r in self._paused.items()
-            }
         return {
             "state": self._state,
             "cycle": self._cycle,
             "frozen_at": self._frozen_at,
             "watchdog_at": self._watchdog_at,
-            "paused": paused,
+            "paused": self._paused.copy(),
         }
 
     def recover(self, saved: Mapping[str, Any]) -> list[str]:
@@ -394,8 +277,7 @@ class Engine:
         known = {app: record for app, record in paused.items() if app in self._actions}
         for app in sorted(set(paused) - set(known)):
             self._events.problem(f"{app}: paused by the previous daemon but no longer configured")
-        with self._paused_lock:
-            self._paused = {app: {k: list(v) for k, v in r.items()} for app, r in known.items()}
+        self._paused.replace(known)
         self._cycle = str(saved.get("cycle") or "")
         self._frozen_at = float(saved.get("frozen_at") or 0.0)
         if self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):
@@ -409,28 +291,23 @@ class Engine:
     # -- watchdog ------------------------------------------------------------------------------
 
     def _arm_watchdog(self, after: float | None = None) -> None:
-        limit = self._config.settings.max_frozen if after is None else after
         if self._config.settings.max_frozen <= 0:
             return
+        limit = self._config.settings.max_frozen if after is None else after
         self._watchdog_at = time.time() + limit
-        cancel = threading.Event()
-        self._watchdog_cancel = cancel
         cycle = self._cycle
+        self._watchdog_cancel = _call_later(limit, lambda: self._watchdog_fired(cycle))
 
-        def fire() -> None:
-            if cancel.wait(limit):  # one timed wait, no polling
-                return
-            self._events.problem(
-                f"no thaw within max_frozen ({self._config.settings.max_frozen:g}s):"
-                " resuming every paused app",
-                cycle,
-            )
-            try:
-                self.thaw(reason="watchdog", wait=self._config.settings.thaw_timeout)
-            except QgafreezeError as exc:
-                self._events.problem(f"watchdog thaw failed: {exc.message}", cycle)
-
-        threading.Thread(target=fire, name="watchdog", daemon=True).start()
+    def _watchdog_fired(self, cycle: str) -> None:
+        settings = self._config.settings
+        self._events.problem(
+            f"no thaw within max_frozen ({settings.max_frozen:g}s): resuming every paused app",
+            cycle,
+        )
+        try:
+            self.thaw(reason="watchdog", wait=settings.thaw_timeout)
+        except QgafreezeError as exc:
+            self._events.problem(f"watchdog thaw failed: {exc.message}", cycle)
 
     def _disarm_watchdog(self) -> None:
         self._watchdog_at = None
@@ -443,3 +320,15 @@ def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
     if outcome.result == TIMEOUT:
         return ActionTimeout(f"{phase} of {outcome.app} timed out: {outcome.message}")
     return CycleFailed(phase, f"{phase} of {outcome.app} {outcome.result}: {outcome.message}")
+
+
+def _call_later(seconds: float, call: Callable[[], None]) -> threading.Event:
+    """Calls ``call`` from a thread after ``seconds``, unless the returned event is set first."""
+    cancel = threading.Event()
+
+    def wait_then_call() -> None:
+        if not cancel.wait(seconds):  # one timed wait, no polling
+            call()
+
+    threading.Thread(target=wait_then_call, name="watchdog", daemon=True).start()
+    return cancel

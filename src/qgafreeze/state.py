@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 from . import paths
@@ -98,3 +99,55 @@ class BatchedStateWriter:
                     if written:
                         self._done = covered
                     self._condition.notify_all()
+
+
+Record = dict[str, list[Any]]  # what one app must undo, per action: plain data, saved as JSON
+
+
+class PausedApps:
+    """The apps that have something to undo, and what: the heart of the state file.
+
+    App threads add and drop entries while a save copies the table, and each action changes its
+    own record; the table is locked for the first, and copied in a way that the second cannot
+    break (see ``copy``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, Record] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    def __contains__(self, app: object) -> bool:
+        return app in self._records
+
+    def add(self, app: str) -> Record:
+        """A new, empty record for ``app``, entered before the app pauses anything."""
+        record: Record = {}
+        with self._lock:
+            self._records[app] = record
+        return record
+
+    def record(self, app: str) -> Record:
+        return self._records[app]
+
+    def drop(self, app: str) -> None:
+        with self._lock:
+            self._records.pop(app, None)
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return set(self._records)
+
+    def copy(self) -> dict[str, Record]:
+        # Actions change their own record (a dict of lists) in their threads; dict.copy() and
+        # list() copy in one step under the GIL, so the copy is never taken from a dict that is
+        # half-way through a change.
+        with self._lock:
+            return {
+                app: {k: list(v) for k, v in r.copy().items()} for app, r in self._records.items()
+            }
+
+    def replace(self, records: Mapping[str, Mapping[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            self._records = {app: {k: list(v) for k, v in r.items()} for app, r in records.items()}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from qgafreeze.state import BatchedStateWriter, StateFile
+from qgafreeze.state import BatchedStateWriter, PausedApps, StateFile
 
 
 class Changes:
@@ -170,3 +170,26 @@ def test_a_snapshot_that_raised_does_not_stop_later_saves():
     later.join(5)
     assert not later.is_alive(), "a failed snapshot left the writer believing a write was running"
     assert file.written == [1]
+
+
+def test_a_copy_of_the_paused_table_keeps_what_it_held_when_it_was_taken():
+    paused = PausedApps()
+    record = paused.add("db")
+    record.setdefault("units", []).append("db.service")
+    copy = paused.copy()
+    record["units"].append("db.socket")
+    paused.add("web")
+    assert copy == {"db": {"units": ["db.service"]}}
+    assert paused.names() == {"db", "web"}
+
+
+def test_the_paused_table_is_replaced_by_what_a_previous_daemon_saved():
+    paused = PausedApps()
+    paused.add("gone")
+    saved = {"db": {"units": ["db.service"]}}
+    paused.replace(saved)
+    saved["db"]["units"].append("changed later")
+    assert paused.copy() == {"db": {"units": ["db.service"]}}
+    assert "db" in paused and "gone" not in paused
+    paused.drop("db")
+    assert not paused
