@@ -117,7 +117,7 @@ def render_plan(config: Config, freeze: PhasePlan, thaw: PhasePlan) -> str:
         f"settings: freeze_timeout {format_duration(s.freeze_timeout)}, thaw_timeout"
         f" {format_duration(s.thaw_timeout)}, max_frozen "
         + (format_duration(s.max_frozen) if s.max_frozen else "off (no watchdog)"),
-        f"          hook_log {s.hook_log or 'off'}, socket {s.socket}",
+        f"          hook_log {s.hook_log or 'off'}",
     ]
     if not config.apps:
         lines.append("no apps: a freeze only writes the logs")

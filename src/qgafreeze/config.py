@@ -87,17 +87,11 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
             "settings.allowed_group", f"expected a group name, got {fields.kind(allowed_group)}"
         )
         allowed_group = None
-    socket = given["socket"]
-    if not isinstance(socket, str) or not socket.startswith("/"):
-        problems.add("settings.socket", f"expected an absolute path, got {fields.kind(socket)}")
-    elif len(socket.encode()) >= 108:
-        problems.add("settings.socket", "a unix socket path must be shorter than 108 bytes")
     return Settings(
         freeze_timeout=seconds("freeze_timeout"),
         thaw_timeout=seconds("thaw_timeout"),
         max_frozen=seconds("max_frozen", zero_ok=True),
         hook_log=absolute("hook_log", "an absolute path or null"),
-        socket=str(socket),
         agent_state_file=absolute("agent_state_file", "an absolute file path or null", file=True),
         legacy_hooks=legacy_hooks and (legacy_hooks.rstrip("/") or "/"),
         legacy_hook_timeout=seconds("legacy_hook_timeout"),

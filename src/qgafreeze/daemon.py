@@ -25,6 +25,7 @@ from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, defa
 from .model import Config
 from .planner import build_plan
 from .server import Peer, Send, Server, activated_listener, bind_listener, notify
+from .shim import socket_path
 from .state import StateFile
 from .systemd_manager import SystemdManager
 from .trust import resolve_group
@@ -335,7 +336,7 @@ def run(config_path: str) -> int:
     allowed_gid = resolve_group(config.settings.allowed_group)
     listener = activated_listener()
     if listener is None:
-        listener = bind_listener(config.settings.socket, allowed_gid)
+        listener = bind_listener(socket_path(), allowed_gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     daemon.watch_agent(config.settings.agent_state_file)
     server = Server(listener, daemon, log, allowed_gid=allowed_gid)

@@ -56,8 +56,11 @@ class Problems:
 
 def check_keys(problems: Problems, path: str, data: dict[Any, Any], section: Section) -> None:
     """Every key of ``data`` that the schema's ``section`` does not declare is an error."""
+    removed = dict(section.removed)
     for key in data:
-        if key not in section.names:
+        if isinstance(key, str) and key in removed:
+            problems.add(join_path(path, key), f"this key was removed: {removed[key]}")
+        elif key not in section.names:
             where = join_path(path, key)
             problems.add(where, f"unknown key (allowed: {', '.join(section.names)})")
 

@@ -86,7 +86,6 @@ class Settings:
     thaw_timeout: float
     max_frozen: float  # watchdog; 0 disables it
     hook_log: str | None  # None: no compatible hook log
-    socket: str
     agent_state_file: str | None  # None: do not watch qemu-ga
     legacy_hooks: str | None  # an old fsfreeze-hook.d to run as one more app
     legacy_hook_timeout: float  # per script

@@ -45,6 +45,9 @@ class Section:
     title: str  # as the man page heads it
     intro: str  # where its keys go and what they are, for the man page
     keys: tuple[Key, ...]
+    # Keys that used to be here: (name, what to do instead).  Refused with that message rather
+    # than as unknown, so that a config written for an older qgafreeze says what changed.
+    removed: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -109,12 +112,6 @@ SETTINGS = Section(
             paths.HOOK_LOG,
         ),
         Key(
-            "socket",
-            "absolute path",
-            "Where the daemon listens when it is not socket-activated.",
-            paths.SOCKET,
-        ),
-        Key(
             "agent_state_file",
             "absolute file path, or null",
             "qemu-ga's frozen flag: if it vanishes and no thaw follows within"
@@ -133,6 +130,13 @@ SETTINGS = Section(
             "group name, or null",
             "Its members may use the socket too (status, freeze, thaw); null: root only.",
             "null",
+        ),
+    ),
+    removed=(
+        (
+            "socket",
+            "the socket path is qgafreeze.socket's ListenStream= (or"
+            f" ${paths.SOCKET_ENV} for a daemon started by hand); delete this line",
         ),
     ),
 )
@@ -341,6 +345,8 @@ def man_page() -> str:
         lines += [f'.SH "{section.title}"', _roff(section.intro)]
         for key in section.keys:
             lines += _man_key(key)
+        for name, instead in section.removed:
+            lines += [".PP", f"\\fB{name}\\fR was removed: {_roff(instead)}."]
     lines += [".SH DURATIONS", _MAN_DURATIONS, ".SH EXAMPLE", ".RS", ".nf"]
     lines += [_roff(line) for line in MAN_EXAMPLE.splitlines()]
     lines += [".fi", ".RE", ".SH FILES", ".TP"]

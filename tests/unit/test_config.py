@@ -69,12 +69,22 @@ apps:
     timeout: soon
 """
     )
+    # settings.socket left the list (issue 10): it could not work as written.
     assert found == [
         "settings.freeze_timout: unknown key (allowed: freeze_timeout, thaw_timeout, max_frozen,"
-        " hook_log, socket, agent_state_file, legacy_hooks, legacy_hook_timeout, allowed_group)",
+        " hook_log, agent_state_file, legacy_hooks, legacy_hook_timeout, allowed_group)",
         "apps.shop.on_failure: expected one of abort, continue, got string 'maybe'",
         "apps.shop.timeout: expected a duration such as 500ms, 30s, 2m or 1h, got 'soon'",
         "apps.shop.depends_on[0]: unknown app 'mariadbx'",
+    ]
+
+
+def test_the_removed_socket_setting_is_refused_saying_where_the_path_is_set():
+    # The shim and the CLI always use the standard path (or $QGAFREEZE_SOCKET) and the socket
+    # unit owns ListenStream=: a daemon told another path here was one nobody could reach.
+    assert problems("settings:\n  socket: /run/qgafreeze/qgafreeze.sock\n") == [
+        "settings.socket: this key was removed: the socket path is qgafreeze.socket's"
+        " ListenStream= (or $QGAFREEZE_SOCKET for a daemon started by hand); delete this line"
     ]
 
 
