@@ -9,80 +9,21 @@ including a unit whose stop was requested but timed out.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
 
 from . import commands
+
+# The engine, the logs and the tests know these as actions.*: re-exported.
+from .actioncontext import Action as Action
+from .actioncontext import ActionContext as ActionContext
+from .actioncontext import StepReport as StepReport
+from .actioncontext import raise_all
+from .actioncontext import record_is_empty as record_is_empty
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
-from .legacy import legacy_scripts
+from .legacy import LegacyHooksAction
 from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
 from .units import UnitManager, UnitState
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """One command's run, for the hook log's execute/finished pair and journald."""
-
-    kind: str  # exec, shell, signal, session, legacy
-    what: str  # the command or script, as the hook log names it
-    phase: str
-    started: float  # wall clock
-    status: int
-    output: tuple[str, ...]
-
-
-def _ignore_step(report: StepReport) -> None:
-    pass
-
-
-def _ignore_problem(message: str) -> None:
-    pass
-
-
-def _no_checkpoint() -> None:
-    pass
-
-
-@dataclass
-class ActionContext:
-    """One app's part of one phase."""
-
-    deadline: float  # time.monotonic() by which the action must return
-    # What to undo, per action, shared by the freeze and the thaw of one cycle.  Plain data
-    # (strings, numbers), so it can be kept outside the process.
-    record: dict[str, list[Any]]
-    output: list[str] = field(default_factory=list)  # lines for the hook log and journald
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    step: Callable[[StepReport], None] = _ignore_step
-    problem: Callable[[str], None] = _ignore_problem
-    # Saves the record outside the process; called after noting what to undo, before pausing.
-    checkpoint: Callable[[], None] = _no_checkpoint
-
-    def undo(self, key: str) -> list[Any]:
-        return self.record.setdefault(key, [])
-
-
-class Action(Protocol):
-    def describe(self) -> list[str]:
-        """Human lines for ``qgafreeze check``, in the order they run on freeze."""
-        ...
-
-    def quiesce(self, ctx: ActionContext) -> None: ...
-
-    def resume(self, ctx: ActionContext) -> None: ...
-
-
-def _raise_all(failures: list[QgafreezeError]) -> None:
-    if len(failures) == 1:
-        raise failures[0]
-    if failures:
-        if all(isinstance(f, ActionTimeout) for f in failures):
-            raise ActionTimeout("; ".join(f.message for f in failures))
-        raise QgafreezeError("; ".join(f.message for f in failures))
 
 
 class UnitsAction:
@@ -175,7 +116,7 @@ class UnitsAction:
                 ctx.output.append(f"{', '.join(batch)}: started")
                 for unit in batch:
                     undo.remove(unit)
-        _raise_all(failures)
+        raise_all(failures)
 
 
 class StepsAction:
@@ -211,7 +152,7 @@ class StepsAction:
                 self._run(step, "thaw", ctx)
             except QgafreezeError as exc:  # the other thaw steps still run
                 failures.append(exc)
-        _raise_all(failures)
+        raise_all(failures)
         undo.clear()
 
     def _run(self, step: Step, phase: str, ctx: ActionContext) -> None:
@@ -319,61 +260,6 @@ class SessionAction:
         ctx.output.append("session closed")
 
 
-class LegacyHooksAction:
-    """The old ``fsfreeze-hook.d`` scripts, with the stock semantics and log lines, but with a
-    timeout per script, thaw in reverse order, and an exit status that counts."""
-
-    key = "legacy"
-
-    def __init__(self, directory: str, script_timeout: float) -> None:
-        self._directory = directory
-        self._timeout = script_timeout
-
-    def describe(self) -> list[str]:
-        found = legacy_scripts(self._directory)
-        listed = ", ".join(os.path.basename(p) for p in found) or "none at the moment"
-        return [
-            f"run the scripts of {self._directory} with 'freeze' (glob order), 'thaw' in reverse;"
-            f" {self._timeout:g}s each; now: {listed}"
-        ]
-
-    def quiesce(self, ctx: ActionContext) -> None:
-        undo = ctx.undo(self.key)
-        for script in legacy_scripts(self._directory):
-            if ctx.cancelled.is_set():
-                return
-            undo.append(script)
-            ctx.checkpoint()
-            self._run(script, "freeze", ctx)
-
-    def resume(self, ctx: ActionContext) -> None:
-        undo = ctx.undo(self.key)
-        failures: list[QgafreezeError] = []
-        for script in list(reversed(undo)):
-            try:
-                self._run(script, "thaw", ctx)
-            except QgafreezeError as exc:
-                failures.append(exc)
-            else:
-                undo.remove(script)
-        _raise_all(failures)
-
-    def _run(self, script: str, phase: str, ctx: ActionContext) -> None:
-        started = time.time()
-        deadline = min(ctx.deadline, time.monotonic() + self._timeout)
-        try:
-            outcome = commands.run([script, phase], deadline)
-        except ActionTimeout as exc:
-            ctx.step(StepReport("legacy", script, phase, started, 124, ()))
-            raise ActionTimeout(f"{script}: {exc.message}") from None
-        except CommandFailed as exc:
-            ctx.step(StepReport("legacy", script, phase, started, 126, (exc.message,)))
-            raise
-        ctx.step(StepReport("legacy", script, phase, started, outcome.status, outcome.output))
-        if outcome.status != 0:
-            raise CommandFailed(f"{script} {phase} exited with status {outcome.status}")
-
-
 class AppActions:
     """An app's actions in freeze order; thaw runs them in reverse and goes on past failures."""
 
@@ -396,7 +282,7 @@ class AppActions:
                 action.resume(ctx)
             except QgafreezeError as exc:
                 failures.append(exc)
-        _raise_all(failures)
+        raise_all(failures)
 
 
 def build_app(app: App, manager: UnitManager, legacy_timeout: float) -> Action:
@@ -416,7 +302,3 @@ def build_actions(
     apps: Sequence[App], manager: UnitManager, legacy_timeout: float = 30.0
 ) -> dict[str, Action]:
     return {app.name: build_app(app, manager, legacy_timeout) for app in apps}
-
-
-def record_is_empty(record: dict[str, list[Any]]) -> bool:
-    return not any(record.values())

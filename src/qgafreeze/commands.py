@@ -52,7 +52,7 @@ def environment(user: str | None, extra: Sequence[tuple[str, str]]) -> tuple[dic
     return env, home
 
 
-def _status(returncode: int) -> int:
+def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -75,7 +75,7 @@ def kill_group(process: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> N
         return
 
 
-class _Lines:
+class Lines:
     """Collects output lines from a file descriptor, keeping the first OUTPUT_LINES."""
 
     def __init__(self) -> None:
@@ -106,7 +106,7 @@ class _Lines:
         return tuple(self.lines)
 
 
-def _spawn(
+def spawn(
     argv: Sequence[str],
     user: str | None,
     env: Sequence[tuple[str, str]],
@@ -146,9 +146,9 @@ def run(
 
     On timeout the whole process group is killed and ActionTimeout raised.
     """
-    process = _spawn(argv, user, env, cwd, subprocess.DEVNULL, subprocess.PIPE)
+    process = spawn(argv, user, env, cwd, subprocess.DEVNULL, subprocess.PIPE)
     assert process.stdout is not None
-    lines = _Lines()
+    lines = Lines()
     fd = process.stdout.fileno()
     os.set_blocking(fd, False)
     try:
@@ -185,7 +185,7 @@ def run(
             pass
     finally:
         process.stdout.close()
-    return Outcome(status=_status(returncode), output=lines.finish())
+    return Outcome(status=exit_status(returncode), output=lines.finish())
 
 
 class HeldSession:
@@ -201,7 +201,7 @@ class HeldSession:
     ) -> None:
         master, slave = pty.openpty()
         try:
-            self._process = _spawn(
+            self._process = spawn(
                 argv, user, env, cwd, subprocess.PIPE, slave, extra_env={"TERM": "dumb"}
             )
         except CommandFailed:
@@ -211,7 +211,7 @@ class HeldSession:
             os.close(slave)
         self.pid = self._process.pid
         self._master = master
-        self._lines = _Lines()
+        self._lines = Lines()
         self._recent: deque[str] = deque(maxlen=20)
         self._new_line = threading.Condition()
         self._closed = False
@@ -239,7 +239,7 @@ class HeldSession:
         returncode = self._process.wait()
         os.close(self._master)
         if not self._expected_exit:
-            self._on_exit(_status(returncode))
+            self._on_exit(exit_status(returncode))
 
     def send(self, text: str) -> None:
         if not text:
@@ -283,7 +283,7 @@ class HeldSession:
     @property
     def returncode(self) -> Optional[int]:
         code = self._process.poll()
-        return None if code is None else _status(code)
+        return None if code is None else exit_status(code)
 
     def finish(self, close_text: str, deadline: float) -> int:
         """Send ``close_text``, end stdin, wait for the exit; kill the group if it lingers."""
@@ -306,7 +306,7 @@ class HeldSession:
                 "session did not exit after its close text; killed with its process group"
             ) from None
         self._eof.wait(1.0)  # its last words, for the logs (bounded: a grandchild may hold the pty)
-        return _status(self._process.returncode)
+        return exit_status(self._process.returncode)
 
     def kill(self) -> None:
         self._expected_exit = True

@@ -1,4 +1,5 @@
-"""The old ``fsfreeze-hook.d`` scripts, as QEMU's stock ``fsfreeze-hook`` chain treats them.
+"""The old ``fsfreeze-hook.d`` scripts, as QEMU's stock ``fsfreeze-hook`` chain treats them: which
+scripts run, how each runs, what it may leave running, and the action that runs them.
 
 Standard library only: ``qgafreeze install`` counts these scripts on a machine that may not have
 the daemon's dependencies yet, and the daemon runs them; both must mean the same scripts.
@@ -7,7 +8,18 @@ the daemon's dependencies yet, and the daemon runs them; both must mean the same
 from __future__ import annotations
 
 import os
+import select
+import signal
 import stat
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Optional
+
+from . import commands
+from .actioncontext import ActionContext, StepReport, raise_all
+from .errors import ActionTimeout, CommandFailed, QgafreezeError
 
 # The stock hook skips these, as package managers and editors leave them beside real scripts.
 SKIPPED_SUFFIXES = (
@@ -49,3 +61,289 @@ def legacy_scripts(directory: str) -> list[str]:
         if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
             scripts.append(path)
     return scripts
+
+
+# --- running one script as the stock chain does ---------------------------------------------------
+
+# After the thaw scripts, what a script left running gets this long to end by itself before its
+# process group is sent SIGTERM (and SIGKILL, commands.KILL_GRACE later).
+LEFTOVER_GRACE = 3.0
+_POLL = 0.05  # how often a process is checked for where the kernel cannot say (no pidfd)
+_LAST_WORDS = 0.5  # once a group is gone, how long its last output may take to be read
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    status: int  # exit status, or 128 + signal number
+    output: tuple[str, ...]  # what the script wrote before it exited
+    leftover: Optional[Leftover]  # what it left running, if anything
+
+
+def run_script(script: str, phase: str, deadline: float) -> ScriptRun:
+    """Run ``script phase`` until the script exits, as the stock chain does.
+
+    The stock chain sends each script's output to its log file, so a script may start a
+    background process and exit: QEMU's own MySQL sample hook leaves a client holding
+    ``FLUSH TABLES WITH READ LOCK`` until the thaw script writes a FIFO.  Such a process keeps the
+    output pipe open, so the script is done when it exits, not at the end of its output.  What
+    it leaves running keeps running, as a Leftover.  A script still running at ``deadline`` is
+    killed with its process group (and what it started) and ActionTimeout is raised.
+    """
+    process = commands.spawn([script, phase], None, (), None, subprocess.DEVNULL, subprocess.PIPE)
+    assert process.stdout is not None
+    pipe = process.stdout.fileno()
+    os.set_blocking(pipe, False)
+    lines = commands.Lines()
+    pipe_open = True
+    exited = _exit_notifier(process.pid)
+    try:
+        while process.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                commands.kill_group(process)
+                process.stdout.close()
+                output = lines.finish()
+                raise ActionTimeout(
+                    "still running at its deadline; killed with its process group"
+                    + (f" (last output: {output[-1]})" if output else "")
+                )
+            watched = [pipe] if pipe_open else []
+            wait = remaining
+            if exited is not None:
+                watched.append(exited)
+            else:
+                wait = min(remaining, _POLL)
+            ready, _, _ = select.select(watched, [], [], wait)
+            if pipe in ready:
+                pipe_open = _read_ready(pipe, lines)
+    finally:
+        if exited is not None:
+            os.close(exited)
+    if pipe_open:
+        pipe_open = _read_ready(pipe, lines)  # what it wrote just before it exited
+    status = commands.exit_status(process.returncode)
+    members = group_members(process.pid)
+    if not pipe_open and not members:
+        process.stdout.close()
+        return ScriptRun(status, lines.finish(), None)
+    leftover = Leftover(script, phase, process.pid, process.stdout, members)
+    return ScriptRun(status, (*lines.finish(), leftover.describe()), leftover)
+
+
+def _exit_notifier(pid: int) -> Optional[int]:
+    """A file descriptor that turns readable when ``pid`` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _read_ready(fd: int, lines: commands.Lines) -> bool:
+    """Read what ``fd`` holds now into ``lines``; False once every writer has closed it."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        lines.feed(data)
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, name) of the live processes of group ``pgid`` in the session of the same number:
+    what a script, started as a session leader, left behind once it was reaped.
+
+    The kernel keeps a group's number in use while any member is left.  If a process with that
+    pid exists again, the number was free and given to someone else, and so is its group: it
+    is not ours to signal.
+    """
+    if os.path.exists(f"/proc/{pgid}"):
+        return []
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat_line = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        name_end = stat_line.rfind(b")")
+        fields = stat_line[name_end + 2 :].split()  # state ppid pgrp session ...
+        if len(fields) < 4 or fields[0] == b"Z":  # a zombie holds nothing
+            continue
+        if int(fields[2]) == pgid and int(fields[3]) == pgid:
+            name = stat_line[stat_line.find(b"(") + 1 : name_end].decode("utf-8", "replace")
+            members.append((int(entry), name))
+    return members
+
+
+def _pids(members: list[tuple[int, str]]) -> str:
+    listed = ", ".join(f"pid {pid} ({name})" for pid, name in members)
+    return listed or "a process outside its process group, holding its output,"
+
+
+class Leftover:
+    """What one script left running when it exited: the processes of its group and the read end
+    of its output, which a thread keeps draining so that none of them blocks on a full pipe.
+
+    The group is numbered after the script, which led its own session.  A process that left
+    the group (setsid) is not tracked here.
+    """
+
+    def __init__(
+        self, script: str, phase: str, pgid: int, pipe: IO[bytes], members: list[tuple[int, str]]
+    ) -> None:
+        self.script = script
+        self.phase = phase
+        self.pgid = pgid
+        self.first_members = members
+        self._pipe = pipe
+        self._lines = commands.Lines()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._drained = threading.Event()
+        threading.Thread(target=self._drain, name=f"legacy-{pgid}", daemon=True).start()
+
+    def describe(self) -> str:
+        return (
+            f"left running: {_pids(self.first_members)}, process group {self.pgid};"
+            " kept until the thaw scripts have run"
+        )
+
+    def _drain(self) -> None:
+        fd = self._pipe.fileno()
+        try:
+            while not self._stop.is_set():
+                # Woken now and then to notice _stop: a writer outside the group may hold the
+                # pipe for ever.
+                ready, _, _ = select.select([fd], [], [], _LAST_WORDS)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    return
+                with self._lock:
+                    self._lines.feed(data)
+        finally:
+            self._pipe.close()
+            self._drained.set()
+
+    def members(self) -> list[tuple[int, str]]:
+        return group_members(self.pgid)
+
+    def signal(self, signum: int) -> None:
+        # Checked just before: a group that is gone may have left its number to another.
+        if self.members():
+            try:
+                os.killpg(self.pgid, signum)
+            except ProcessLookupError:
+                pass
+
+    def output(self) -> tuple[str, ...]:
+        """Everything it wrote, once it is gone; stops reading from a pipe still held open."""
+        self._drained.wait(_LAST_WORDS)
+        self._stop.set()
+        self._drained.wait(_LAST_WORDS * 2)
+        with self._lock:
+            return self._lines.finish()
+
+
+def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_GRACE) -> list[str]:
+    """End what the scripts left running: ``grace`` seconds to end by itself (bounded by
+    ``deadline``), then SIGTERM to its process group, then SIGKILL.  Returns, per leftover, a
+    line saying which script left which processes and how they ended, then their output."""
+    waited_until = min(time.monotonic() + grace, deadline)
+    how = {id(left): "ended by itself" for left in leftovers}
+    while any(left.members() for left in leftovers) and time.monotonic() < waited_until:
+        time.sleep(_POLL)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        running = [left for left in leftovers if left.members()]
+        for left in running:
+            left.signal(signum)
+            how[id(left)] = (
+                f"still running {grace:g}s after the thaw scripts: ended with"
+                f" {signal.Signals(signum).name}"
+            )
+        waited_until = time.monotonic() + commands.KILL_GRACE
+        while any(left.members() for left in running) and time.monotonic() < waited_until:
+            time.sleep(_POLL)
+    lines = []
+    for left in leftovers:
+        if left.members():  # not even SIGKILL: stuck in the kernel (D state)
+            how[id(left)] += ", but is still there"
+        lines.append(
+            f"{left.script} {left.phase} left {_pids(left.first_members)} running: " + how[id(left)]
+        )
+        lines.extend(left.output())
+    return lines
+
+
+class LegacyHooksAction:
+    """The old ``fsfreeze-hook.d`` scripts, run as the stock chain runs them (``legacy``), with its
+    log lines, but with a timeout per script, thaw in reverse order, an exit status that counts,
+    and what the scripts left running ended once the thaw scripts have run."""
+
+    key = "legacy"
+
+    def __init__(self, directory: str, script_timeout: float) -> None:
+        self._directory = directory
+        self._timeout = script_timeout
+        self._left: list[Leftover] = []  # a rollback may run while a freeze is abandoned
+        self._left_lock = threading.Lock()
+
+    def describe(self) -> list[str]:
+        found = legacy_scripts(self._directory)
+        listed = ", ".join(os.path.basename(p) for p in found) or "none at the moment"
+        return [
+            f"run the scripts of {self._directory} with 'freeze' (glob order), 'thaw' in reverse;"
+            f" {self._timeout:g}s each; now: {listed}"
+        ]
+
+    def quiesce(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        for script in legacy_scripts(self._directory):
+            if ctx.cancelled.is_set():
+                return
+            undo.append(script)
+            ctx.checkpoint()
+            self._run(script, "freeze", ctx)
+
+    def resume(self, ctx: ActionContext) -> None:
+        undo = ctx.undo(self.key)
+        failures: list[QgafreezeError] = []
+        for script in list(reversed(undo)):
+            try:
+                self._run(script, "thaw", ctx)
+            except QgafreezeError as exc:
+                failures.append(exc)
+            else:
+                undo.remove(script)
+        with self._left_lock:
+            left, self._left = self._left, []
+        ctx.output.extend(settle(left, ctx.deadline))
+        raise_all(failures)
+
+    def _run(self, script: str, phase: str, ctx: ActionContext) -> None:
+        started = time.time()
+        deadline = min(ctx.deadline, time.monotonic() + self._timeout)
+        try:
+            ran = run_script(script, phase, deadline)
+        except ActionTimeout as exc:
+            ctx.step(StepReport("legacy", script, phase, started, 124, ()))
+            raise ActionTimeout(f"{script}: {exc.message}") from None
+        except CommandFailed as exc:
+            ctx.step(StepReport("legacy", script, phase, started, 126, (exc.message,)))
+            raise
+        if ran.leftover is not None:
+            with self._left_lock:
+                self._left.append(ran.leftover)
+        ctx.step(StepReport("legacy", script, phase, started, ran.status, ran.output))
+        if ran.status != 0:
+            raise CommandFailed(f"{script} {phase} exited with status {ran.status}")

@@ -4,6 +4,7 @@ the in-memory table (the container tier runs them against the real one)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from fakes import FakeSystemd, RecordingEvents
 from qgafreeze.actions import build_actions
 from qgafreeze.config import parse_config
 from qgafreeze.engine import FROZEN, THAWED, Engine
-from qgafreeze.legacy import legacy_scripts
+from qgafreeze.legacy import LEFTOVER_GRACE, Leftover, legacy_scripts, settle
 from qgafreeze.planner import build_plan
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -288,3 +289,143 @@ def test_a_legacy_script_that_hangs_is_killed_at_its_timeout(tmp_path):
     engine, _ = engine_for({}, legacy_hooks=str(hooks), legacy_hook_timeout="300ms")
     report = engine.freeze()
     assert report.apps[0].result == "timeout"
+
+
+# A legacy script in the pattern of QEMU's MySQL sample hook: on freeze a background "client" is
+# fed a lock request, then blocks reading a FIFO until the thaw script writes it; the freeze
+# script waits until the lock holds and exits 0, leaving the client running and holding its
+# output.  The client here is a shell loop that notes each line it is fed.
+FIFO_SCRIPT = """
+fifo={dir}/lock.fifo
+case "$1" in
+freeze)
+    mkfifo "$fifo" || exit 1
+    feed() {{
+        trap 'echo killed > {dir}/feed-killed; exit 1' TERM
+        echo lock
+        read -r _ < "$fifo"
+        echo unlock
+        rm -f "$fifo"
+    }}
+    feed | while IFS= read -r line; do
+        echo "client: $line"
+        [ "$line" = lock ] && : > {dir}/locked
+    done &
+    until [ -e {dir}/locked ]; do sleep 0.01; done
+    echo "lock held"
+    ;;
+thaw)
+    [ -p "$fifo" ] || exit 1
+    echo go > "$fifo"
+    ;;
+esac
+"""
+
+
+def fifo_engine(tmp_path: Path) -> tuple[Engine, RecordingEvents]:
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    write_script(hooks, "10-lock", FIFO_SCRIPT.format(dir=tmp_path))
+    return engine_for({}, legacy_hooks=str(hooks), legacy_hook_timeout="10s")
+
+
+def legacy_steps(events: RecordingEvents, phase: str) -> list:
+    return [report for _, report in events.steps if report.phase == phase]
+
+
+def test_a_legacy_script_that_leaves_a_process_holding_its_output_is_done_when_it_exits(tmp_path):
+    engine, events = fifo_engine(tmp_path)
+    started = time.monotonic()
+    report = engine.freeze()
+    took = time.monotonic() - started
+    try:
+        assert report.ok, report.error
+        assert took < 3, f"the freeze took {took:.1f} s: it waited for more than the script"
+        (step,) = legacy_steps(events, "freeze")
+        assert step.status == 0
+        assert "lock held" in step.output
+        assert any(line.startswith("left running: pid ") for line in step.output), step.output
+        assert (tmp_path / "lock.fifo").exists()  # the client still holds the lock
+    finally:
+        engine.thaw()
+
+
+def test_what_a_legacy_script_left_running_ends_when_its_thaw_script_says_and_is_not_killed(
+    tmp_path,
+):
+    engine, events = fifo_engine(tmp_path)
+    assert engine.freeze().ok
+    started = time.monotonic()
+    report = engine.thaw()
+    took = time.monotonic() - started
+    assert report.ok, report.error
+    assert took < LEFTOVER_GRACE, f"the thaw took {took:.1f} s"
+    assert not (tmp_path / "lock.fifo").exists()
+    assert not (tmp_path / "feed-killed").exists()
+    output = report.apps[0].output
+    assert any("10-lock freeze left pid" in line and "ended by itself" in line for line in output)
+
+
+def test_output_of_what_a_legacy_script_left_running_reaches_the_logs(tmp_path):
+    engine, events = fifo_engine(tmp_path)
+    assert engine.freeze().ok
+    report = engine.thaw()
+    # Written by the client after the freeze script had exited, once the thaw script wrote the
+    # FIFO: the hook log gets it with the thaw's lines.
+    assert "client: unlock" in report.apps[0].output
+
+
+def test_what_a_legacy_script_left_running_is_ended_after_the_thaw_scripts_and_a_grace(tmp_path):
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    marker = f"qgft-leftover-{os.getpid()}"
+    sleeper = f"/usr/bin/python3 -c 'import time; time.sleep(100)' {marker}"
+    write_script(hooks, "10-polite", f'[ "$1" = freeze ] && {sleeper} polite &\ntrue')
+    # Ignores SIGTERM, as a client in the middle of something may.
+    write_script(hooks, "20-stubborn", f"[ \"$1\" = freeze ] && (trap '' TERM; {sleeper}) &\ntrue")
+    engine, events = engine_for({}, legacy_hooks=str(hooks))
+    assert engine.freeze().ok
+    assert len(processes_with(marker)) == 2
+    started = time.monotonic()
+    report = engine.thaw()
+    took = time.monotonic() - started
+    assert report.ok, report.error
+    assert not processes_with(marker)
+    assert LEFTOVER_GRACE <= took < LEFTOVER_GRACE + 10
+    output = report.apps[0].output
+    ended = {Path(line.split()[0]).name: line for line in output if " freeze left pid" in line}
+    assert set(ended) == {"10-polite", "20-stubborn"}, output
+    assert ended["10-polite"].endswith("ended with SIGTERM"), ended
+    assert ended["20-stubborn"].endswith("ended with SIGKILL"), ended
+
+
+def test_a_legacy_script_that_leaves_a_process_and_fails_still_fails_the_app(tmp_path):
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    marker = f"qgft-failed-leftover-{os.getpid()}"
+    sleeper = f"/usr/bin/python3 -c 'import time; time.sleep(100)' {marker}"
+    write_script(hooks, "10-broken", f'[ "$1" = freeze ] || exit 0\n{sleeper} &\nexit 3')
+    engine, events = engine_for({}, legacy_hooks=str(hooks))
+    report = engine.freeze()
+    assert not report.ok
+    assert "10-broken freeze exited with status 3" in report.error.message
+    assert legacy_steps(events, "freeze")[0].status == 3
+    # The rollback is a thaw: what the failed script left is ended with the rest.
+    assert not processes_with(marker)
+    assert engine.paused_apps == []
+
+
+def test_a_leftover_group_whose_number_was_reused_is_never_signalled():
+    # A process that leads its own session and group, as a new one would if the kernel gave a
+    # finished group's number to it: it is not what the script left, and must survive.
+    stranger = subprocess.Popen(["/bin/sleep", "100"], start_new_session=True)
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    try:
+        leftover = Leftover("/hooks/10-x", "freeze", stranger.pid, os.fdopen(read_end, "rb"), [])
+        assert leftover.members() == []
+        assert settle([leftover], time.monotonic() + 1, grace=0.1)[0].endswith("ended by itself")
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qgafreeze.actions import ActionContext, LegacyHooksAction, StepReport
+from qgafreeze.actioncontext import ActionContext, StepReport
 from qgafreeze.errors import InstallError
 from qgafreeze.install import configure_qemu_ga, unconfigure_qemu_ga
+from qgafreeze.legacy import LegacyHooksAction
 
 HOOK = "/usr/libexec/qgafreeze/fsfreeze-hook"
 
