@@ -83,15 +83,21 @@ def encode_request(op: str) -> bytes:
     return b'{"op":"' + op.encode("ascii") + b'"}\n'  # ops are plain words: valid JSON as is
 
 
-def parse_request(line: bytes) -> dict[str, Any]:
+def _json_object(line: bytes, what: str) -> dict[str, Any]:
     import json
 
     try:
         message = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("request is not a JSON object on one line") from None
+    # RecursionError: 64 KiB of "[" nests deeper than the parser goes; still just bad input.
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        message = None
     if not isinstance(message, dict):
-        raise ProtocolError("request is not a JSON object on one line")
+        raise ProtocolError(f"{what} is not a JSON object on one line")
+    return message
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    message = _json_object(line, "request")
     op = message.get("op")
     if op not in OPS:
         raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
@@ -102,15 +108,7 @@ def parse_request(line: bytes) -> dict[str, Any]:
 
 
 def parse_reply(line: bytes) -> dict[str, Any]:
-    import json
-
-    try:
-        message = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("the daemon's reply is not JSON") from None
-    if not isinstance(message, dict):
-        raise ProtocolError("the daemon's reply is not a JSON object")
-    return message
+    return _json_object(line, "the daemon's reply")
 
 
 def app_line(app: dict[str, Any]) -> str:

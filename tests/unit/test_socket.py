@@ -114,14 +114,16 @@ def test_freeze_announces_its_budget_then_replies(served):
         (b'{"op": "reboot"}\n', "unknown op 'reboot'"),
         (b'{"op": "ping", "extra": 1}\n', "unknown request field(s): extra"),
         (b"\xff\xfe\n", "not a JSON object"),
+        (b"[" * 60000 + b"\n", "not a JSON object"),  # deeper than json's recursion limit
     ],
 )
 def test_malformed_requests_get_a_clear_error(served, payload, message):
-    path, _, _ = served
+    path, _, problems = served
     reply = raw_exchange(path, payload)
     assert reply["ok"] is False
     assert reply["error"]["code"] == "bad-request"
     assert message in reply["error"]["message"]
+    assert not [m for m in problems.messages if "internal error" in m]
 
 
 def test_oversized_request_is_refused(served):
