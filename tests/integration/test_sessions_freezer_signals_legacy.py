@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from container import Container
-from helpers import DATE, active, configure, hook, hook_log, status
+from helpers import DATE, HOOK_LOG, active, configure, hook, hook_log, status
 
 MARIADB_UNIT = """[Service]
 Type=notify
@@ -231,3 +231,74 @@ def test_failing_legacy_script_fails_the_freeze_through_the_hook(installed, lega
         "15-broken.sh",
         "10-first.sh",
     ]
+
+
+# A legacy script in the pattern of QEMU's MySQL sample hook, written for these tests: the freeze
+# starts a background client holding the global read lock, fed through a FIFO, and exits once the
+# lock holds; the client keeps running and keeps the script's output open.  The thaw writes the
+# FIFO: the client unlocks and exits, and the FIFO goes with it.
+LOCK_FIFO = "/run/qgft-legacy-lock.fifo"
+FIFO_LOCK_SCRIPT = f"""#!/bin/sh
+fifo={LOCK_FIFO}
+case "$1" in
+freeze)
+    mkfifo -m 0600 "$fifo" || exit 1
+    feed() {{
+        echo "FLUSH TABLES WITH READ LOCK;"
+        echo "SELECT GET_LOCK('qgft-legacy', 0);"
+        read -r _ < "$fifo"
+        echo "UNLOCK TABLES;"
+        rm -f "$fifo"
+    }}
+    feed | mariadb --batch --skip-column-names &
+    tries=0
+    until [ "$(mariadb -N -e "SELECT IS_USED_LOCK('qgft-legacy') IS NOT NULL")" = 1 ]; do
+        tries=$((tries + 1))
+        [ "$tries" -gt 200 ] && exit 2
+        sleep 0.1
+    done
+    echo "global read lock held"
+    ;;
+thaw)
+    [ -p "$fifo" ] || exit 1
+    echo unlock > "$fifo"
+    ;;
+esac
+"""
+
+
+def test_legacy_script_leaving_a_locking_client_behind_freezes_at_once_and_thaws(
+    mariadb, legacy_dir
+):
+    c = mariadb
+    c.run(["rm", "-f", f"{legacy_dir}/10-first.sh", f"{legacy_dir}/20-second.sh", LOCK_FIFO])
+    script = f"{legacy_dir}/50-mariadb-lock"
+    c.write_file(script, FIFO_LOCK_SCRIPT, mode=0o755)
+    configure(c, f"version: 1\nsettings: {{legacy_hooks: {legacy_dir}}}\napps: {{}}\n")
+    for cycle in (1, 2):
+        started = time.monotonic()
+        code, out = hook(c, "freeze")
+        took = time.monotonic() - started
+        print(f"cycle {cycle}: freeze through the shim took {took:.2f} s")
+        assert code == 0, out
+        assert took < 10, f"the freeze took {took:.1f} s: it waited for the client, not the script"
+        # The client the script left holds the lock: reads go on, a write waits.
+        assert c.run("mariadb -N -e 'SELECT COUNT(*) FROM qgft.t'").returncode == 0
+        blocked = c.run("timeout 2 mariadb -e 'INSERT INTO qgft.t VALUES (10)'", check=False)
+        assert blocked.returncode == 124, blocked
+        writer = c.popen(f"mariadb -e 'INSERT INTO qgft.t VALUES ({100 + cycle})'")
+        time.sleep(0.5)
+        assert writer.poll() is None
+        assert status(c)["paused_apps"] == ["legacy-hooks"]
+
+        code, out = hook(c, "thaw")
+        assert code == 0, out
+        assert writer.wait(30) == 0  # released by the thaw script, through the FIFO
+        row = c.run(f"mariadb -N -e 'SELECT id FROM qgft.t WHERE id={100 + cycle}'").stdout
+        assert row.strip() == str(100 + cycle)
+        assert c.run(["test", "-e", LOCK_FIFO], check=False).returncode == 1
+        log = hook_log(c)
+        assert re.search(rf"^{DATE}: {script} finished with status=0$", log, re.M), log
+        assert "left running: pid " in log
+        assert re.search(rf"^{script} freeze left .* ended by itself$", log, re.M), log
+        c.run(["truncate", "-s0", HOOK_LOG])
