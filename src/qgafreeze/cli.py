@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
 from . import __version__, paths
 from .actions import build_actions
 from .config import load_file
-from .errors import EXIT_INTERRUPTED, EXIT_MEANINGS, EXIT_USAGE, ConfigError, QgafreezeError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MEANINGS,
+    EXIT_USAGE,
+    ConfigError,
+    QgafreezeError,
+)
 from .fields import format_duration
 from .model import Config
 from .planner import PhasePlan, build_plan
@@ -84,15 +92,9 @@ def exit_statuses_text() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "daemon":
-            from .daemon import run  # only the daemon needs pydbus and the systemd bindings
-
-            return run(args.config)
-        if args.command == "check":
-            return _check(args.config)
-        if args.command == "install":
-            return _install(args)
-        return _client(args.command, args.socket, args.json)
+        status = _run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except ConfigError as exc:
         print(f"qgafreeze: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -101,6 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `qgafreeze check | head`: the reader left.  Point stdout at /dev/null so that the
+        # interpreter's final flush does not print a traceback either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "daemon":
+        from .daemon import run  # only the daemon needs pydbus and the systemd bindings
+
+        return run(args.config)
+    if args.command == "check":
+        return _check(args.config)
+    if args.command == "install":
+        return _install(args)
+    return _client(args.command, args.socket, args.json)
 
 
 def _check(path: str) -> int:
@@ -118,6 +137,7 @@ def render_plan(config: Config, freeze: PhasePlan, thaw: PhasePlan) -> str:
         f" {format_duration(s.thaw_timeout)}, max_frozen "
         + (format_duration(s.max_frozen) if s.max_frozen else "off (no watchdog)"),
         f"          hook_log {s.hook_log or 'off'}",
+        *(f"warning: {warning}" for warning in config.warnings),
     ]
     if not config.apps:
         lines.append("no apps: a freeze only writes the logs")

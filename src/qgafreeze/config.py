@@ -192,7 +192,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 
     if problems.items:
         raise ConfigError(source, problems.items)
-    return Config(source=source, settings=settings, apps=tuple(apps))
+    return Config(
+        source=source, settings=settings, apps=tuple(apps), warnings=tuple(problems.warnings)
+    )
 
 
 def parse_text(text: str, source: str = "<config>") -> Config:

@@ -218,8 +218,9 @@ class Daemon:
             self._log.set_hook_log(config.settings.hook_log)
             self.watch_agent(config.settings.agent_state_file)
             if self.server is not None:
-                self.server.allowed_gid = resolve_group(config.settings.allowed_group)
+                self.server.allowed_gid = allowed_gid(config, self._log)
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
+            log_warnings(config, self._log)
         notify(f"READY=1\nSTATUS={self._status_line()}")
 
     def shutdown(self) -> int:
@@ -294,6 +295,24 @@ def _warm_up(log: LogWriter) -> None:
     log.flush(1.0)
 
 
+def log_warnings(config: Config, log: LogWriter) -> None:
+    for warning in config.warnings:
+        log.daemon_event(f"{config.source}: {warning}", PRIORITY_WARNING)
+
+
+def allowed_gid(config: Config, log: LogWriter) -> int | None:
+    """The group that may use the socket, looked up now; a group gone since the config was
+    checked leaves the socket to root alone, and says so."""
+    name = config.settings.allowed_group
+    gid = resolve_group(name) if name else None
+    if name and gid is None:
+        log.daemon_event(
+            f"settings.allowed_group: no group {name!r} on this system: only root may ask",
+            PRIORITY_WARNING,
+        )
+    return gid
+
+
 def run(config_path: str) -> int:
     """Build everything, then serve.  Raises QgafreezeError for a start-up failure."""
     started = time.monotonic()
@@ -333,13 +352,14 @@ def run(config_path: str) -> int:
                 engine.cycle,
             )
     guard.engine = engine
-    allowed_gid = resolve_group(config.settings.allowed_group)
+    log_warnings(config, log)
+    gid = allowed_gid(config, log)
     listener = activated_listener()
     if listener is None:
-        listener = bind_listener(socket_path(), allowed_gid)
+        listener = bind_listener(socket_path(), gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     daemon.watch_agent(config.settings.agent_state_file)
-    server = Server(listener, daemon, log, allowed_gid=allowed_gid)
+    server = Server(listener, daemon, log, allowed_gid=gid)
     daemon.server = server
     _warm_up(log)
     return daemon.run(server)

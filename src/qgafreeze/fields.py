@@ -49,17 +49,24 @@ def format_duration(seconds: float) -> str:
 class Problems:
     def __init__(self) -> None:
         self.items: list[str] = []
+        self.warnings: list[str] = []  # the file is valid, but the administrator should know
 
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}" if path else message)
 
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}" if path else message)
+
 
 def check_keys(problems: Problems, path: str, data: dict[Any, Any], section: Section) -> None:
     """Every key of ``data`` that the schema's ``section`` does not declare is an error."""
-    removed = dict(section.removed)
-    for key in data:
-        if isinstance(key, str) and key in removed:
-            problems.add(join_path(path, key), f"this key was removed: {removed[key]}")
+    removed = {old.name: old for old in section.removed}
+    for key, value in data.items():
+        old = removed.get(key) if isinstance(key, str) else None
+        if old is not None and old.harmless is not None and value == old.harmless:
+            problems.warn(join_path(path, key), f"ignored, this key was removed: {old.instead}")
+        elif old is not None:
+            problems.add(join_path(path, key), f"this key was removed: {old.instead}")
         elif key not in section.names:
             where = join_path(path, key)
             problems.add(where, f"unknown key (allowed: {', '.join(section.names)})")

@@ -165,6 +165,7 @@ class Config:
     source: str
     settings: Settings
     apps: tuple[App, ...]  # in the order of the file
+    warnings: tuple[str, ...] = ()  # valid, but worth saying: check prints, the daemon logs
 
     def app(self, name: str) -> App:
         for app in self.apps:

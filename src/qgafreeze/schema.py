@@ -41,13 +41,23 @@ class Key:
 
 
 @dataclass(frozen=True)
+class Removed:
+    """A key an older qgafreeze read.  Refused with ``instead`` rather than as unknown, so that a
+    config written for an older release says what changed; but when it holds ``harmless`` (the
+    value earlier installs wrote into every /etc/qgafreeze.yaml) it is ignored with a warning,
+    so that an upgrade does not stop backups."""
+
+    name: str
+    instead: str
+    harmless: Any = None
+
+
+@dataclass(frozen=True)
 class Section:
     title: str  # as the man page heads it
     intro: str  # where its keys go and what they are, for the man page
     keys: tuple[Key, ...]
-    # Keys that used to be here: (name, what to do instead).  Refused with that message rather
-    # than as unknown, so that a config written for an older qgafreeze says what changed.
-    removed: tuple[tuple[str, str], ...] = ()
+    removed: tuple[Removed, ...] = ()  # keys that used to be here
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -133,10 +143,11 @@ SETTINGS = Section(
         ),
     ),
     removed=(
-        (
+        Removed(
             "socket",
             "the socket path is qgafreeze.socket's ListenStream= (or"
             f" ${paths.SOCKET_ENV} for a daemon started by hand); delete this line",
+            harmless=paths.SOCKET,
         ),
     ),
 )
@@ -345,8 +356,8 @@ def man_page() -> str:
         lines += [f'.SH "{section.title}"', _roff(section.intro)]
         for key in section.keys:
             lines += _man_key(key)
-        for name, instead in section.removed:
-            lines += [".PP", f"\\fB{name}\\fR was removed: {_roff(instead)}."]
+        for old in section.removed:
+            lines += [".PP", f"\\fB{old.name}\\fR was removed: {_roff(old.instead)}."]
     lines += [".SH DURATIONS", _MAN_DURATIONS, ".SH EXAMPLE", ".RS", ".nf"]
     lines += [_roff(line) for line in MAN_EXAMPLE.splitlines()]
     lines += [".fi", ".RE", ".SH FILES", ".TP"]

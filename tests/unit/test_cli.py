@@ -80,3 +80,19 @@ def test_usage_errors_exit_64():
     result = qgafreeze("frobnicate")
     assert result.returncode == 64
     assert "invalid choice" in result.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `qgafreeze check | head -1`: the pipe closes before the plan is written.
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qgafreeze", "check", "-c", str(REPO / "config/qgafreeze.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(30) == 1
+    assert "Traceback" not in stderr

@@ -82,10 +82,20 @@ apps:
 def test_the_removed_socket_setting_is_refused_saying_where_the_path_is_set():
     # The shim and the CLI always use the standard path (or $QGAFREEZE_SOCKET) and the socket
     # unit owns ListenStream=: a daemon told another path here was one nobody could reach.
-    assert problems("settings:\n  socket: /run/qgafreeze/qgafreeze.sock\n") == [
+    assert problems("settings:\n  socket: /run/other.sock\n") == [
         "settings.socket: this key was removed: the socket path is qgafreeze.socket's"
         " ListenStream= (or $QGAFREEZE_SOCKET for a daemon started by hand); delete this line"
     ]
+
+
+def test_the_socket_line_every_earlier_install_wrote_is_ignored_with_a_warning():
+    # make install copied the example's settings, socket included, into /etc/qgafreeze.yaml and
+    # keeps that file on upgrade: refusing it would stop every backup after an upgrade.
+    config = parse_text("version: 1\nsettings:\n  socket: /run/qgafreeze/qgafreeze.sock\n")
+    assert config.warnings == (
+        "settings.socket: ignored, this key was removed: the socket path is qgafreeze.socket's"
+        " ListenStream= (or $QGAFREEZE_SOCKET for a daemon started by hand); delete this line",
+    )
 
 
 def test_unknown_app_key_is_an_error_not_ignored():

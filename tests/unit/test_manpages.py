@@ -1,0 +1,79 @@
+"""The man pages say what the code does: commands, options, exit statuses, paths, units."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qgafreeze import cli, errors, paths, protocol
+
+REPO = Path(__file__).resolve().parents[2]
+PAGE = REPO / "docs" / "qgafreeze.8"
+
+
+def sections(page: Path) -> dict[str, str]:
+    """Section name -> its troff source with escapes for '-' undone."""
+    text = page.read_text().replace("\\-", "-")
+    parts = re.split(r"^\.SH (.+)$", text, flags=re.M)
+    return {parts[i].strip('"'): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli._parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_and_option_of_the_cli_is_in_the_man_page():
+    page = sections(PAGE)
+    for name, sub in subcommands().items():
+        assert f".B {name}\n" in page["COMMANDS"], f"command {name} is not described"
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert option in page["OPTIONS"], f"{name} {option} is not described"
+    for option in ("--version", "--config", "-c"):
+        assert option in page["OPTIONS"]
+
+
+def test_the_man_page_lists_the_exit_statuses_of_the_one_table():
+    listed = re.findall(r"^\.B (\d+)\n(.+)$", sections(PAGE)["EXIT STATUS"], flags=re.M)
+    assert [(int(code), meaning) for code, meaning in listed] == list(errors.EXIT_MEANINGS)
+
+
+def test_the_man_page_names_the_default_paths_and_the_hooks_operations():
+    page = sections(PAGE)
+    for path in (paths.CONFIG, paths.SOCKET, paths.STATE_FILE, paths.HOOK_LOG):
+        assert f".I {path}\n" in page["FILES"], path
+    assert f".I {paths.AGENT_STATE_FILE}\n" in page["FILES"]
+    assert f".B {paths.SOCKET_ENV}\n" in page["ENVIRONMENT"]
+    synopsis = page["SYNOPSIS"].splitlines()
+    hook_ops = synopsis[synopsis.index(".B /usr/libexec/qgafreeze/fsfreeze-hook") + 1]
+    assert set(re.findall(r"\w+", hook_ops.split("{", 1)[1])) == set(protocol.OPS)
+
+
+@pytest.mark.parametrize("unit", ["qgafreeze.service", "qgafreeze.socket"])
+def test_the_man_pages_a_unit_points_at_exist(unit):
+    text = (REPO / "systemd" / unit).read_text()
+    for name, section in re.findall(r"man:([\w.-]+)\((\d)\)", text):
+        if name != "qemu-ga":
+            assert (REPO / "docs" / f"{name}.{section}").is_file(), f"{unit}: man:{name}({section})"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (REPO / "docs").glob("*.[1-8]")))
+def test_each_man_page_renders_without_a_warning(page):
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed (make deps installs groff-base)")
+    result = subprocess.run(
+        ["groff", "-man", "-ww", "-z", str(REPO / "docs" / page)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
