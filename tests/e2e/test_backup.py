@@ -80,7 +80,10 @@ def test_mariadb_is_down_for_the_whole_frozen_window_and_back_after_thaw(mariadb
     assert stopped <= run.freeze_returned
     assert restarting >= run.thaw_sent - 10**9  # host/guest clock comparison: 1 s of slack
     window = [s for s in samples if run.freeze_returned <= s[0] <= run.thaw_sent]
-    assert len(window) >= 5, samples
+    # Seen down early and late in the window; how many samples fit in it depends on how fast a
+    # software-emulated guest runs the watcher (4 in 5 s on a loaded 2-core host), not on us.
+    middle = (run.freeze_returned + run.thaw_sent) // 2
+    assert any(t < middle for t, _, _ in window) and any(t >= middle for t, _, _ in window), samples
     # Down, and no client could start it again through mariadb.socket, the whole window.
     assert all(state != "active" and client == "out" for _, state, client in window), window
     assert samples[-1][1:] == ("active", "in")
