@@ -39,7 +39,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -51,6 +51,7 @@ help:
 	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
 	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
+	@echo "make docs         regenerate the settings table and qgafreeze.yaml(5) from the schema"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
 	@echo "make uninstall    undo install (keeps $(SYSCONFDIR)/qgafreeze.yaml)"
@@ -121,6 +122,10 @@ demo:
 # One pytest run for every tier, so that the run ends on a single summary line.
 test: deps lint
 	PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit tests/integration tests/e2e
+
+# Rewrite the documents made from the config schema (README's settings table, qgafreeze.yaml(5)).
+docs:
+	PYTHONPATH=src $(PYTHON) -m qgafreeze.schemadoc write
 
 check:
 	PYTHONPATH=src $(PYTHON) -m qgafreeze check -c config/qgafreeze.yaml

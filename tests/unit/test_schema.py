@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from qgafreeze import schema
+from qgafreeze import schema, schemadoc
 from qgafreeze.config import load_file, parse_config, parse_text
 from qgafreeze.errors import ConfigError
 from qgafreeze.fields import parse_duration
@@ -173,8 +173,8 @@ def test_the_example_config_shows_every_setting_with_the_schemas_default():
 
 def test_the_readme_table_of_settings_is_the_one_the_schema_makes():
     readme = (REPO / "README.md").read_text()
-    table = readme.split(schema.README_BEGIN, 1)[1].split(schema.README_END, 1)[0]
-    assert table == schema.markdown_settings(), "run: python3 -m qgafreeze.schema write"
+    table = readme.split(schemadoc.README_BEGIN, 1)[1].split(schemadoc.README_END, 1)[0]
+    assert table == schemadoc.markdown_settings(), "run: python3 -m qgafreeze.schemadoc write"
 
 
 def test_the_readme_names_every_key_of_the_schema():
@@ -191,8 +191,8 @@ def test_the_readme_example_is_a_valid_config():
 
 
 def test_the_man_page_is_the_one_the_schema_makes():
-    page = (REPO / schema.MAN_PAGE).read_text()
-    assert page == schema.man_page(), "run: python3 -m qgafreeze.schema write"
+    page = (REPO / schemadoc.MAN_PAGE).read_text()
+    assert page == schemadoc.man_page(), "run: python3 -m qgafreeze.schemadoc write"
     for section in schema.SECTIONS:
         described = page.split(f'.SH "{section.title}"\n', 1)[1].split(".SH ", 1)[0]
         for name in section.names:
@@ -200,23 +200,23 @@ def test_the_man_page_is_the_one_the_schema_makes():
 
 
 def test_the_man_pages_example_is_a_valid_config():
-    assert parse_text(schema.MAN_EXAMPLE).apps
+    assert parse_text(schemadoc.MAN_EXAMPLE).apps
 
 
 def test_write_brings_stale_documents_back_to_the_schema(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / schema.MAN_PAGE).write_text("stale\n")
+    (tmp_path / schemadoc.MAN_PAGE).write_text("stale\n")
     readme = (REPO / "README.md").read_text()
-    begin = readme.index(schema.README_BEGIN) + len(schema.README_BEGIN)
+    begin = readme.index(schemadoc.README_BEGIN) + len(schemadoc.README_BEGIN)
     (tmp_path / "README.md").write_text(readme[:begin] + "| stale |\n" + readme[begin:])
-    check = [sys.executable, "-m", "qgafreeze.schema", "check", str(tmp_path)]
+    check = [sys.executable, "-m", "qgafreeze.schemadoc", "check", str(tmp_path)]
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     assert subprocess.run(check, env=env, capture_output=True).returncode == 1
-    write = [sys.executable, "-m", "qgafreeze.schema", "write", str(tmp_path)]
+    write = [sys.executable, "-m", "qgafreeze.schemadoc", "write", str(tmp_path)]
     assert subprocess.run(write, env=env, capture_output=True).returncode == 0
-    assert schema.stale_documents(tmp_path) == []
+    assert schemadoc.stale_documents(tmp_path) == []
     assert (tmp_path / "README.md").read_text() == readme
 
 
 def test_the_committed_documents_are_current():
-    assert schema.stale_documents(REPO) == []
+    assert schemadoc.stale_documents(REPO) == []
