@@ -219,18 +219,10 @@ class Leftover:
                 # Woken now and then to notice _stop: a writer outside the group may hold the
                 # pipe for ever.
                 ready, _, _ = select.select([fd], [], [], _LAST_WORDS)
-                if not ready:
-                    continue
-                try:
-                    data = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    return
-                with self._lock:
-                    self._lines.feed(data)
+                if ready:
+                    with self._lock:
+                        if not _read_ready(fd, self._lines):
+                            return
         finally:
             self._pipe.close()
             self._drained.set()
