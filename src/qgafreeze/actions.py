@@ -15,11 +15,7 @@ from collections.abc import Sequence
 from . import commands
 
 # The engine, the logs and the tests know these as actions.*: re-exported.
-from .actioncontext import Action as Action
-from .actioncontext import ActionContext as ActionContext
-from .actioncontext import StepReport as StepReport
-from .actioncontext import raise_all
-from .actioncontext import record_is_empty as record_is_empty
+from .actioncontext import Action, ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .legacy import LegacyHooksAction
 from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step

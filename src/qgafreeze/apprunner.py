@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Callable, Protocol
 
-from .actions import Action, ActionContext, StepReport, record_is_empty
+from .actioncontext import Action, ActionContext, StepReport, record_is_empty
 from .errors import ActionTimeout, QgafreezeError
 from .model import Config
 from .outcome import FAILED, OK, TIMEOUT, AppOutcome, elapsed_ms

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .actions import Action
+from .actioncontext import Action
 from .apprunner import AppEvents, AppRunner
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .model import Config

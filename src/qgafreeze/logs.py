@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .actions import StepReport
+from .actioncontext import StepReport
 from .engine import CycleReport
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome
 from .protocol import app_line

@@ -118,16 +118,21 @@ def _ending(line: str) -> str:
     return line[len(line.rstrip("\r\n")) :] or "\n"
 
 
+def _replace_setting(lines: list[str], keys: list[int], setting: str) -> str:
+    """The first line that sets the key becomes ``setting``; later ones, which would win over
+    it, go."""
+    first, *rest = keys
+    lines[first] = f"{setting}{_ending(lines[first])}"
+    for i in reversed(rest):
+        del lines[i]
+    return "".join(lines)
+
+
 def _ini_set(text: str, value: str) -> str:
     lines = text.splitlines(keepends=True)
     keys, headers = _ini_key_lines(lines)
     if keys:
-        first, *rest = keys
-        lines[first] = f"{DEBIAN_KEY}={value}{_ending(lines[first])}"
-        # A later duplicate would win over ours.
-        for i in reversed(rest):
-            del lines[i]
-        return "".join(lines)
+        return _replace_setting(lines, keys, f"{DEBIAN_KEY}={value}")
     entry = f"{DEBIAN_KEY}={value}\n"
     if headers:
         # After the group's last setting, so that comments heading the next group stay there.
@@ -196,11 +201,7 @@ def _env_set(text: str, value: str) -> str:
     lines = text.splitlines(keepends=True)
     keys = _env_key_lines(lines)
     if keys:
-        first, *rest = keys
-        lines[first] = f"{RHEL_KEY}={value}{_ending(lines[first])}"
-        for i in reversed(rest):
-            del lines[i]
-        return "".join(lines)
+        return _replace_setting(lines, keys, f"{RHEL_KEY}={value}")
     if lines and not lines[-1].endswith(("\n", "\r")):
         lines[-1] += "\n"
     lines.append(f"{RHEL_KEY}={value}\n")

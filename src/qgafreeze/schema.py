@@ -194,15 +194,22 @@ APP = Section(
     ),
 )
 
+def _how_to_run(applies: str) -> tuple[Key, ...]:
+    """The keys a session and a command step share; ``applies`` says to which steps."""
+    return (
+        Key("user", "user name", f"{applies}Run as this user instead of root."),
+        Key("env", _ENV, f"{applies}Added to the clean environment (PATH, LANG, HOME, USER)."),
+        Key("cwd", "absolute directory", f"{applies}Run in this directory."),
+    )
+
+
 SESSION = Section(
     "SESSION",
     "Under apps.NAME.session: one process started at freeze and kept running until the thaw,"
     " such as a database client whose lock lasts as long as its connection.",
     (
         Key("argv", _COMMAND, "The program and its arguments, run without a shell; required."),
-        Key("user", "user name", "Run it as this user instead of root."),
-        Key("env", _ENV, "Added to the clean environment (PATH, LANG, HOME, USER)."),
-        Key("cwd", "absolute directory", "Run it in this directory."),
+        *_how_to_run(""),
         Key("open", "text", "Written to its standard input at freeze.", '""'),
         Key(
             "ready",
@@ -230,9 +237,7 @@ STEP = Section(
             "signal name or number",
             f"Send this signal ({', '.join(SIGNALS)} or 1-64) to units' processes via systemd.",
         ),
-        Key("user", "user name", "exec, shell: run as this user instead of root."),
-        Key("env", _ENV, "exec, shell: added to the clean environment."),
-        Key("cwd", "absolute directory", "exec, shell: run in this directory."),
+        *_how_to_run("exec, shell: "),
         Key(
             "timeout",
             _DURATION,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qgafreeze.actions import StepReport
+from qgafreeze.actioncontext import StepReport
 from qgafreeze.engine import CycleReport
 from qgafreeze.errors import ActionTimeout, UnitError, UnitNotFound
 from qgafreeze.outcome import AppOutcome

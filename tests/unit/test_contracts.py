@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import re
@@ -69,3 +70,17 @@ def test_the_socket_unit_listens_where_the_hook_and_the_cli_connect():
     unit = (REPO / "systemd" / "qgafreeze.socket").read_text()
     assert re.findall(r"^ListenStream=(.*)$", unit, flags=re.M) == [paths.SOCKET]
     assert shim.socket_path(None) in (paths.SOCKET, os.environ.get(paths.SOCKET_ENV))
+def test_no_module_is_over_400_lines_and_no_class_over_250():
+    # Rooms of one job each: past these sizes a module or class has grown a second job.
+    too_big = []
+    for path in sorted(SRC.glob("*.py")):
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > 400:
+            too_big.append(f"{path.name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > 250:
+                    too_big.append(f"{path.name}: class {node.name}: {size} lines")
+    assert too_big == []
