@@ -6,8 +6,13 @@ Named ``systemd_manager``, not ``systemd``, so that it is never mistaken for sys
 Jobs are asynchronous in systemd: StopUnit/StartUnit return a job object at once and the outcome
 arrives later as a ``JobRemoved`` signal.  We keep a private bus connection (so our ``Subscribe``
 is ours alone; pydbus' ``SystemBus()`` is shared), a GLib main loop in one thread that records
-every JobRemoved, and callers that each wait on an event of their own for their jobs, bounded by
-their own deadline, never by the D-Bus call timeout alone.
+the JobRemoved of our jobs, and callers that each wait on an event of their own for their jobs,
+bounded by their own deadline, never by the D-Bus call timeout alone.
+
+JobRemoved is believed only from the owner of org.freedesktop.systemd1 (its unique name, asked at
+connect and followed through the bus's own NameOwnerChanged), for jobs our calls created.  Any
+local client can send us a unicast signal, which a GLib without the fix for CVE-2024-34397 hands
+to a subscription by well-known name: we compare senders ourselves, on every GLib.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pydbus
@@ -31,11 +36,15 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+# The bus itself: the only sender whose word on who owns a name counts.
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
 
 JOB_MODE = "replace"  # a start replaces a pending stop of the same unit, which rollback relies on
-# JobRemoved results kept for callers that have not started waiting yet (the signal can arrive
-# before StopUnit's reply).  Other clients' jobs land here too and are never asked for; the
-# bound keeps them to about 1.4 MB, reached after a few thousand jobs and flat from then on.
+# systemd's JobRemoved for a job can arrive before the reply that names the job: while one of our
+# job-creating calls is in flight, results for paths we do not know yet are kept for it (from
+# systemd only), and forgotten once no such call is left.  Other clients' jobs ending meanwhile
+# land there too; the bound keeps them to about 1.4 MB through the busiest freeze.
 _REMEMBERED_JOBS = 4096
 # The system bus caps the replies one connection may await (dbus-daemon's
 # max_replies_per_connection, 128 by default); with hundreds of apps in parallel, calls beyond
@@ -43,6 +52,98 @@ _REMEMBERED_JOBS = 4096
 MAX_CALLS_IN_FLIGHT = 64
 
 _NOT_FOUND_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed"}
+
+
+class JobBook:
+    """The jobs our calls created and their results, from the current owner of systemd's name
+    only (and, while a job-creating call is in flight, for paths its reply may yet name)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._systemd: str | None = None  # the owner's unique name; None: nobody, or unknown
+        self._owner_announced = False  # the bus said who owns it: newer than GetNameOwner's reply
+        self._ours: dict[str, str | None] = {}  # job path -> its result, None until it comes
+        self._creating = 0  # job-creating calls in flight
+        self._early: OrderedDict[str, str] = OrderedDict()
+        # job path -> the event of the one caller waiting for it: a JobRemoved wakes that caller
+        # only, not every caller (with 200 apps, waking all on each job cost 40,000 wake-ups).
+        self._waiting: dict[str, threading.Event] = {}
+
+    def owner_replied(self, owner: str | None) -> None:
+        """GetNameOwner's answer, asked after subscribing to NameOwnerChanged."""
+        with self._lock:
+            if not self._owner_announced:
+                self._systemd = owner
+
+    def owner_changed(self, sender: str, name: str, _old: str, new_owner: str) -> None:
+        if sender != DBUS_NAME or name != BUS_NAME:
+            return  # anyone can send this signal; only the bus's own is true
+        with self._lock:
+            self._systemd = new_owner or None
+            self._owner_announced = True
+
+    def job_removed(self, sender: str, _id: int, job: str, _unit: str, result: str) -> None:
+        waiter = None
+        with self._lock:
+            if self._systemd is None or sender != self._systemd:
+                return
+            if job in self._ours:
+                self._ours[job] = result
+                waiter = self._waiting.pop(job, None)
+            elif self._creating:
+                self._early[job] = result
+                while len(self._early) > _REMEMBERED_JOBS:
+                    self._early.popitem(last=False)
+        if waiter is not None:
+            waiter.set()
+
+    def create(self, call: Callable[[], str]) -> str:
+        """Run ``call``, which creates a job and returns its path: ours from then on, with a
+        result systemd sent before the reply, if any."""
+        with self._lock:
+            self._creating += 1
+        job: str | None = None
+        try:
+            job = call()
+            return job
+        finally:
+            with self._lock:
+                self._creating -= 1
+                if job is not None:
+                    self._ours[job] = self._early.pop(job, None)
+                if not self._creating:
+                    self._early.clear()
+
+    def wait(self, jobs: dict[str, str], deadline: float, verb: str) -> dict[str, str]:
+        """The results of ``jobs`` (job path -> unit), which ``create`` made."""
+        results: dict[str, str] = {}
+        wake = threading.Event()
+        try:
+            while True:
+                with self._lock:
+                    wake.clear()
+                    for job in jobs:
+                        if job in results:
+                            continue
+                        result = self._ours.get(job)
+                        if result is not None:  # it may have ended before we asked
+                            results[job] = result
+                            self._waiting.pop(job, None)
+                        else:
+                            self._waiting[job] = wake
+                if len(results) == len(jobs):
+                    return results
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pending = ", ".join(u for j, u in jobs.items() if j not in results)
+                    raise ActionTimeout(f"{pending}: {verb} did not finish in time")
+                wake.wait(remaining)
+        finally:
+            with self._lock:
+                for job in jobs:
+                    self._ours.pop(job, None)  # its result, or a late one, is nobody's now
+                    if self._waiting.get(job) is wake:
+                        del self._waiting[job]
 
 
 class SystemdManager:
@@ -58,11 +159,7 @@ class SystemdManager:
             ) from None
         self._con: Gio.DBusConnection = self._bus.con
         self._in_flight = threading.BoundedSemaphore(MAX_CALLS_IN_FLIGHT)
-        self._jobs = threading.Lock()
-        self._finished: OrderedDict[str, str] = OrderedDict()
-        # job path -> the event of the one caller waiting for it: a JobRemoved wakes that caller
-        # only, not every caller (with 200 apps, waking all on each job cost 40,000 wake-ups).
-        self._waiting: dict[str, threading.Event] = {}
+        self._jobs = JobBook()
         self._context = GLib.MainContext.new()
         self._loop = GLib.MainLoop.new(self._context, False)
         subscribed = threading.Event()
@@ -72,33 +169,52 @@ class SystemdManager:
         self._thread.start()
         if not subscribed.wait(connect_timeout):
             raise BusError("the D-Bus signal loop did not start")
+        self._learn_owner(_deadline(connect_timeout))
         # Without Subscribe, systemd does not emit JobRemoved to us.
         self._manager("Subscribe", "", (), "", _deadline(connect_timeout))
 
     def _run_loop(self, subscribed: threading.Event) -> None:
         # Signals are dispatched in the main context that is thread-default when subscribing.
+        # No sender in either subscription: the handlers compare senders themselves (see the
+        # module's docstring).  Both in one context, so they are handled in the order received:
+        # the bus announces a new owner before anything the new owner sends.
         self._context.push_thread_default()
+        jobs = self._jobs
         self._bus.subscribe(
-            sender=BUS_NAME,
+            iface=DBUS_NAME,
+            signal="NameOwnerChanged",
+            object=DBUS_PATH,
+            arg0=BUS_NAME,
+            signal_fired=lambda sender, _p, _i, _s, args: jobs.owner_changed(sender, *args),
+        )
+        self._bus.subscribe(
             iface=MANAGER_IFACE,
             signal="JobRemoved",
             object=MANAGER_PATH,
-            signal_fired=self._on_job_removed,
+            signal_fired=lambda sender, _p, _i, _s, args: jobs.job_removed(sender, *args),
         )
         subscribed.set()
         self._loop.run()
 
-    def _on_job_removed(
-        self, sender: str, path: str, iface: str, signal: str, params: tuple[Any, ...]
-    ) -> None:
-        _job_id, job_path, _unit, result = params
-        with self._jobs:
-            self._finished[job_path] = result
-            while len(self._finished) > _REMEMBERED_JOBS:
-                self._finished.popitem(last=False)
-            waiter = self._waiting.pop(job_path, None)
-        if waiter is not None:
-            waiter.set()
+    def _learn_owner(self, deadline: float) -> None:
+        """Who owns org.freedesktop.systemd1 now; asked after subscribing to its changes."""
+        try:
+            reply = self._con.call_sync(
+                DBUS_NAME,
+                DBUS_PATH,
+                DBUS_NAME,
+                "GetNameOwner",
+                GLib.Variant("(s)", (BUS_NAME,)),
+                GLib.VariantType.new("(s)"),
+                Gio.DBusCallFlags.NONE,
+                max(1, int((deadline - time.monotonic()) * 1000)),
+                None,
+            )
+        except GLib.Error as exc:
+            if Gio.DBusError.get_remote_error(exc) == "org.freedesktop.DBus.Error.NameHasNoOwner":
+                return  # not there (yet): every JobRemoved is refused until the bus names it
+            raise _translate(exc, "GetNameOwner", None) from None
+        self._jobs.owner_replied(reply.unpack()[0])
 
     # -- the public calls --------------------------------------------------------------------
 
@@ -160,12 +276,12 @@ class SystemdManager:
         failures: list[str] = []
         for unit in units:
             try:
-                (job,) = self._manager(method, "ss", (unit, JOB_MODE), "o", deadline, unit)
+                job = self._start_job(method, "ss", (unit, JOB_MODE), deadline, unit)
             except UnitError as exc:
                 failures.append(str(exc))
                 continue
             jobs[job] = unit
-        results = self._wait(jobs, deadline, verb)
+        results = self._jobs.wait(jobs, deadline, verb)
         for job, unit in jobs.items():
             if results[job] != "done":
                 failures.append(f"{unit}: {verb} job finished with result '{results[job]}'")
@@ -229,33 +345,13 @@ class SystemdManager:
             self._in_flight.release()
         return tuple(result.unpack()) if result is not None else ()
 
-    def _wait(self, jobs: dict[str, str], deadline: float, verb: str) -> dict[str, str]:
-        results: dict[str, str] = {}
-        wake = threading.Event()
-        try:
-            while True:
-                with self._jobs:
-                    wake.clear()
-                    for job in jobs:
-                        if job in results:
-                            continue
-                        if job in self._finished:  # it may have ended before we asked
-                            results[job] = self._finished.pop(job)
-                            self._waiting.pop(job, None)
-                        else:
-                            self._waiting[job] = wake
-                if len(results) == len(jobs):
-                    return results
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    pending = ", ".join(u for j, u in jobs.items() if j not in results)
-                    raise ActionTimeout(f"{pending}: {verb} did not finish in time")
-                wake.wait(remaining)
-        finally:
-            with self._jobs:
-                for job in jobs:
-                    if self._waiting.get(job) is wake:
-                        del self._waiting[job]
+    def _start_job(
+        self, method: str, signature: str, args: tuple[Any, ...], deadline: float, unit: str
+    ) -> str:
+        """Call a manager method that creates a job; ``self._jobs.wait`` for it then."""
+        return self._jobs.create(
+            lambda: str(self._manager(method, signature, args, "o", deadline, unit)[0])
+        )
 
 
 def _freezer_hint(message: str) -> str:

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,11 @@ def job_that_ends_with(result: str | None) -> str:
     return code
 
 
+def job_at(path: str) -> str:
+    """A StopUnit/StartUnit that creates the job ``path`` and leaves its end to the test."""
+    return UNKNOWN_UNIT_IS_NO_SUCH_UNIT + f"ret = {path!r}\n"
+
+
 class FakeSystemd:
     """The remote control of the mock: units, replaced methods, and the calls it received."""
 
@@ -105,6 +111,8 @@ class FakeSystemd:
             dbusmock.MOCK_IFACE,
         )
         self._mock_iface = dbusmock.MOCK_IFACE
+        # This connection runs no main loop, so it answers no Peer.Ping.
+        self.name = str(self._bus.get_unique_name())
 
     def reset(self) -> None:
         """Back to the bare template, then add what systemd answers and the template does not."""
@@ -148,6 +156,59 @@ class FakeSystemd:
 
     def calls(self, method: str) -> list[tuple[Any, ...]]:
         return [tuple(args) for _when, args in self._mock.GetMethodCalls(method)]
+
+    def job_removed(self, job: str, unit: str, result: str) -> None:
+        """systemd itself (the owner of its name) announces that ``job`` ended."""
+        job_id = int(job.rsplit("/", 1)[1])
+        self._mock.EmitSignal(MANAGER_IFACE, "JobRemoved", "uoss", [job_id, job, unit, result])
+
+    def wait_for_call(self, method: str, timeout: float = 5) -> None:
+        end = time.monotonic() + timeout
+        while not self.calls(method):
+            assert time.monotonic() < end, f"{method} was never called"
+            time.sleep(0.01)
+
+
+class Forger:
+    """Another local client of the bus, one that does not own org.freedesktop.systemd1: what an
+    unprivileged user can do on the system bus.  Its signals go to everyone (a broadcast, which
+    the bus routes only to match rules it satisfies) and to each connection by its unique name
+    (a unicast, which the bus delivers whatever the match rules say: CVE-2024-34397)."""
+
+    def __init__(self, address: str, deaf: tuple[str, ...] = ()) -> None:
+        import dbus
+        import dbus.lowlevel
+
+        self._dbus = dbus
+        self._lowlevel = dbus.lowlevel
+        self._bus = dbus.bus.BusConnection(address)
+        self.name = str(self._bus.get_unique_name())
+        self._deaf = deaf  # connections that answer no ping
+
+    def _others(self) -> list[str]:
+        return [str(n) for n in self._bus.list_names() if n.startswith(":") and n != self.name]
+
+    def emit(self, path: str, iface: str, member: str, signature: str, args: list[Any]) -> None:
+        for destination in [None, *self._others()]:
+            message = self._lowlevel.SignalMessage(path, iface, member)
+            if destination is not None:
+                message.set_destination(destination)
+            message.append(*args, signature=signature)
+            self._bus.send_message(message)
+        # A round trip to each connection after the signals: each has read them (a bus keeps
+        # one sender's messages to one receiver in order) before it answers.
+        for destination in self._others():
+            if destination in self._deaf:
+                continue
+            try:
+                self._bus.call_blocking(
+                    destination, "/", "org.freedesktop.DBus.Peer", "Ping", "", (), timeout=2
+                )
+            except self._dbus.exceptions.DBusException:
+                pass
+
+    def close(self) -> None:
+        self._bus.close()
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +450,68 @@ def test_errors_carry_systemds_words_without_the_dbus_error_name(
         manager.kill("nosuch.service", "all", 15, soon())
 
     assert str(raised.value) == "nosuch.service: Unit nosuch.service not loaded."
+
+
+def test_a_job_removed_forged_by_another_client_is_ignored_and_the_call_waits_for_systemd(
+    manager: SystemdManager, systemd: FakeSystemd, mock_bus: tuple[str, FakeSystemd]
+) -> None:
+    # On a GLib without the fix for CVE-2024-34397 a unicast signal reaches the subscriber
+    # whoever sent it: only the sender's unique name, compared with the name's owner, tells.
+    job = "/org/freedesktop/systemd1/job/77"
+    systemd.add_unit("db.service")
+    systemd.answer("StopUnit", "ss", "o", job_at(job))
+    raised: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            manager.stop(["db.service"], soon())
+        except BaseException as exc:  # handed to the test's thread
+            raised.append(exc)
+
+    stopping = threading.Thread(target=stop)
+    stopping.start()
+    systemd.wait_for_call("StopUnit")
+    forger = Forger(mock_bus[0], deaf=(systemd.name,))
+    try:
+        # First the forger claims the name, as only the bus itself may say, then ends the job.
+        forger.emit(
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+            "sss",
+            ["org.freedesktop.systemd1", "", forger.name],
+        )
+        forger.emit(
+            "/org/freedesktop/systemd1",
+            MANAGER_IFACE,
+            "JobRemoved",
+            "uoss",
+            [77, job, "db.service", "done"],
+        )
+        stopping.join(0.3)
+        assert stopping.is_alive(), f"the forged 'done' was believed: {raised}"
+        systemd.job_removed(job, "db.service", "failed")
+        stopping.join(5)
+    finally:
+        forger.close()
+
+    assert not stopping.is_alive()
+    assert [str(exc) for exc in raised] == ["db.service: stop job finished with result 'failed'"]
+
+
+def test_a_job_removed_for_a_job_not_yet_created_is_not_kept_for_it(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    # systemd numbers jobs in order: a result announced for the next number, before the job
+    # exists, is someone's lie (or another client's job), never the end of a job we create.
+    job = "/org/freedesktop/systemd1/job/77"
+    systemd.add_unit("db.service")
+    systemd.add_unit("web.service")
+    systemd.job_removed(job, "db.service", "done")
+    # A job of ours that ends after the announcement was handled (signals are handled in order).
+    manager.stop(["web.service"], soon())
+    systemd.answer("StopUnit", "ss", "o", job_at(job))
+
+    started = time.monotonic()
+    with pytest.raises(ActionTimeout, match=r"^db\.service: stop did not finish in time$"):
+        manager.stop(["db.service"], started + 0.5)
