@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from .actioncontext import StepReport
 from .engine import CycleReport
+from .hooklog import append_to_hook_log, hook_log_date
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome
 from .protocol import app_line
 
@@ -50,11 +51,6 @@ def default_journal_send() -> JournalSend | None:
     return None if _journal is None else _journal.send
 
 
-def hook_log_date(epoch: float) -> str:
-    """The date as date(1) prints it in the C locale: ``Thu Nov 23 13:38:05 MSK 2023``."""
-    return time.strftime("%a %b %e %H:%M:%S %Z %Y", time.localtime(epoch))
-
-
 def _hook_phase(phase: str) -> str:
     return "thaw" if phase == "rollback" else phase
 
@@ -70,7 +66,7 @@ class LogWriter:
         self._queued = 0
         self._written = 0
         self.dropped = 0
-        self.hook_log_error = ""  # the last write failure, reported once per change
+        self.hook_log_error = ""  # why the last burst was not written, reported once per change
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -153,16 +149,10 @@ class LogWriter:
     def _append_hook_log(self, lines: list[str]) -> None:
         if not self._hook_log or not lines:
             return
-        try:
-            # Opened per burst, not kept open: logrotate may have moved the file meanwhile.
-            with open(self._hook_log, "a", encoding="utf-8", errors="replace") as handle:
-                handle.write("".join(line + "\n" for line in lines))
-            self.hook_log_error = ""
-        except OSError as exc:
-            error = f"cannot write the hook log {self._hook_log}: {exc.strerror or exc}"
-            if error != self.hook_log_error:  # once per change, not once per record
-                self.hook_log_error = error
-                self._journal(error, PRIORITY_WARNING, MSG_PROBLEM)
+        error = append_to_hook_log(self._hook_log, lines)
+        if error and error != self.hook_log_error:  # once per change, not once per record
+            self._journal(error, PRIORITY_WARNING, MSG_PROBLEM)
+        self.hook_log_error = error
 
     def _journal(self, message: str, priority: int, message_id: str, **fields: Any) -> None:
         if self._send is None:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qgafreeze.engine import CycleReport
-from qgafreeze.logs import MSG_APP_DONE, MSG_CYCLE_DONE, LogWriter, hook_log_date
+from qgafreeze.hooklog import hook_log_date
+from qgafreeze.logs import MSG_APP_DONE, MSG_CYCLE_DONE, LogWriter
 from qgafreeze.outcome import AppOutcome
 
 DATE = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d \S+ \d{4}"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 
 
 class Journal:
@@ -125,3 +132,108 @@ def test_unwritable_hook_log_is_reported_once_and_the_rest_still_flows(tmp_path)
     assert len(problems) == 1
     assert "No such file or directory" in writer.hook_log_error
     assert sum(r["MESSAGE"].startswith("mariadb: freeze ok") for r in journal.records) == 2
+
+
+# -- the hook log's file: root appends only to its own log, in a directory only root can write --
+
+
+def log_dir(tmp_path: Path, mode: int = 0o755) -> Path:
+    directory = tmp_path / "log"
+    directory.mkdir()
+    directory.chmod(mode)
+    return directory
+
+
+def write_one_app(path: Path, journal: Journal | None = None) -> LogWriter:
+    writer = LogWriter(str(path), None if journal is None else journal.send)
+    writer.app_finished("c1", outcome())
+    assert writer.flush(5)
+    return writer
+
+
+def root_only_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text("root's own\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def test_a_symlink_at_the_hook_log_path_is_refused_and_its_target_left_alone(tmp_path):
+    secret = root_only_file(tmp_path)
+    log = log_dir(tmp_path) / "hook.log"
+    log.symlink_to(secret)
+    journal = Journal()
+    writer = write_one_app(log, journal)
+    assert secret.read_text() == "root's own\n"
+    assert "symbolic link" in writer.hook_log_error
+    assert sum("cannot write the hook log" in r["MESSAGE"] for r in journal.records) == 1
+    log.unlink()  # the administrator removes it: the next burst writes again
+    writer.app_finished("c1", outcome())
+    assert writer.flush(5)
+    assert "qgafreeze:mariadb finished with status=0" in log.read_text()
+    assert writer.hook_log_error == ""
+
+
+def test_a_hard_link_to_another_file_is_refused(tmp_path):
+    secret = root_only_file(tmp_path)
+    log = log_dir(tmp_path) / "hook.log"
+    os.link(secret, log)
+    writer = write_one_app(log)
+    assert secret.read_text() == "root's own\n"
+    assert "2 links" in writer.hook_log_error
+
+
+def test_a_fifo_at_the_hook_log_path_is_refused_without_waiting_for_a_reader(tmp_path):
+    log = log_dir(tmp_path) / "hook.log"
+    os.mkfifo(log)
+    writer = write_one_app(log)  # flush(5) fails if the writer waits for a reader
+    assert writer.hook_log_error
+
+
+@needs_root
+def test_a_hook_log_owned_by_someone_else_is_refused(tmp_path):
+    log = log_dir(tmp_path) / "hook.log"
+    log.write_text("")
+    os.chown(log, 65534, 65534)
+    writer = write_one_app(log)
+    assert log.read_text() == ""
+    assert "owned by uid 65534" in writer.hook_log_error
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777], ids=["world-writable", "sticky"])
+def test_a_hook_log_in_a_directory_others_can_write_is_refused_and_not_created(tmp_path, mode):
+    log = log_dir(tmp_path, mode) / "hook.log"
+    writer = write_one_app(log)
+    assert not log.exists()
+    assert "writable by everyone" in writer.hook_log_error
+
+
+@needs_root
+def test_a_hook_log_in_a_directory_another_group_can_write_is_refused(tmp_path):
+    directory = log_dir(tmp_path, 0o775)
+    os.chown(directory, 0, 65534)
+    writer = write_one_app(directory / "hook.log")
+    assert not (directory / "hook.log").exists()
+    assert "writable by group id 65534" in writer.hook_log_error
+
+
+def test_a_hook_log_below_a_directory_others_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could rename "logs" and put their own in its place
+    (shared / "logs").mkdir(mode=0o755)
+    writer = write_one_app(shared / "logs" / "hook.log")
+    assert not (shared / "logs" / "hook.log").exists()
+    assert f"{shared} is writable by everyone" in writer.hook_log_error
+
+
+def test_a_new_hook_log_is_created_0600_and_an_old_0644_one_made_0600(tmp_path):
+    directory = log_dir(tmp_path)
+    write_one_app(directory / "new.log")
+    assert stat.S_IMODE((directory / "new.log").stat().st_mode) == 0o600
+    old = directory / "old.log"
+    old.write_text("earlier lines\n")
+    old.chmod(0o644)
+    write_one_app(old)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert old.read_text().startswith("earlier lines\n")

@@ -1,0 +1,117 @@
+"""The compatible hook log: its dates, and the file root appends them to.
+
+The daemon runs as root and the log's path comes from the config, so opening it must never let
+someone else choose what root writes to: no symbolic link is followed, and only a regular file
+of root's with one link, in a directory only root can change, is written (``append_to_hook_log``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from .trust import check_file_permissions
+
+LOG_MODE = 0o600  # command output may be sensitive
+_OPEN_FLAGS = (
+    os.O_WRONLY
+    | os.O_APPEND
+    | os.O_CREAT
+    | os.O_NOFOLLOW  # a symbolic link in the log's place is refused, not followed (ELOOP)
+    | os.O_CLOEXEC  # commands are started from other threads meanwhile
+    | os.O_NONBLOCK  # a FIFO in the log's place must not wait for a reader
+    | os.O_NOCTTY
+)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def hook_log_date(epoch: float) -> str:
+    """The date as date(1) prints it in the C locale: ``Thu Nov 23 13:38:05 MSK 2023``."""
+    return time.strftime("%a %b %e %H:%M:%S %Z %Y", time.localtime(epoch))
+
+
+def append_to_hook_log(path: str, lines: list[str]) -> str:
+    """Append ``lines`` to the hook log at ``path``: "" once written, else why nothing was.
+
+    Opened per call, not kept open: logrotate may have moved the file meanwhile.  The directory
+    is opened first and checked, and the file is opened inside that very directory, so nothing
+    can be swapped between the check and the write.
+    """
+    data = "".join(line + "\n" for line in lines).encode("utf-8", "replace")
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = os.open(directory or "/", _DIR_FLAGS)
+        try:
+            refused = _directory_problem(dir_fd, os.path.realpath(directory or "/"))
+            if refused:
+                return f"cannot write the hook log {path}: refused: {refused}"
+            fd = os.open(name, _OPEN_FLAGS, LOG_MODE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            refused = _file_problem(st)
+            if refused:
+                return f"cannot write the hook log {path}: refused: {refused}"
+            if stat.S_IMODE(st.st_mode) != LOG_MODE:
+                os.fchmod(fd, LOG_MODE)  # an older install's 0644 log
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"cannot write the hook log {path}: refused: it is a symbolic link"
+        if exc.errno == errno.ENXIO:  # O_NONBLOCK: a FIFO nobody reads, a socket, a device
+            return f"cannot write the hook log {path}: refused: not a regular file"
+        return f"cannot write the hook log {path}: {exc.strerror or exc}"
+    return ""
+
+
+def _file_problem(st: os.stat_result) -> str | None:
+    """Why the open file is not root's own log: another file reached through a hard link, a
+    FIFO or a device put in its place, or a file someone else made and could read or truncate."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_nlink != 1:
+        return f"it has {st.st_nlink} links: another name reaches the same file"
+    return None
+
+
+def _directory_problem(dir_fd: int, name: str) -> str | None:
+    """Why the directory open as ``dir_fd``, or one above it, could be changed by someone but
+    root, as ``trust.check_file_permissions`` judges a directory of the config's programs.
+
+    Above it, a sticky directory of root's (``/tmp``) is fine: nobody else can rename what is
+    in it.  The log's own directory must be root's alone: in a sticky one, someone else could
+    take the log's name first.  Walked up through ``..`` from the open directory, not by path.
+    """
+    current = dir_fd
+    try:
+        st = os.fstat(current)
+        holds_the_log = True
+        while True:
+            reason = check_file_permissions(name, st)
+            sticky_above = not holds_the_log and st.st_mode & stat.S_ISVTX and st.st_uid == 0
+            if reason and not sticky_above:
+                return f"{name} is {reason}"
+            up = os.open("..", _DIR_FLAGS, dir_fd=current)
+            if current != dir_fd:
+                os.close(current)
+            current = up
+            above = os.fstat(current)
+            if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):
+                return None  # "/" is its own parent
+            st, name, holds_the_log = above, os.path.dirname(name), False
+    finally:
+        if current != dir_fd:
+            os.close(current)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
