@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 from . import protocol
 from .errors import Busy, Forbidden, InternalError, ProtocolError, QgafreezeError
+from .trust import check_file_permissions
 
 SD_LISTEN_FDS_START = 3
 MAX_CLIENTS = 64  # concurrent connections; more get an immediate "busy"
@@ -59,10 +60,14 @@ def activated_listener() -> socket.socket | None:
 
 
 def bind_listener(path: str, group: int | None = None) -> socket.socket:
-    """Bind the socket ourselves (no systemd socket unit): root-only directory and mode 0600,
-    or 0660 for ``group`` (and a directory others may only traverse) when one may ask too."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    """Bind the socket ourselves (no systemd socket unit): mode 0600, or 0660 for ``group``.
+
+    A directory we create is root's (0700, or 0711 so that ``group`` can reach the socket); one
+    that exists is used as it is, and only if root's alone: in a directory others could write,
+    anyone could put their own socket in the hook's way.
+    """
+    directory = os.path.dirname(path) or "."
+    created = _socket_directory(directory)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -90,9 +95,31 @@ def bind_listener(path: str, group: int | None = None) -> socket.socket:
     else:
         os.chown(path, 0, group)
         os.chmod(path, 0o660)
-        os.chmod(directory, 0o711)
+        if created:
+            os.chmod(directory, 0o711)
     sock.listen(128)
     return sock
+
+
+def _socket_directory(directory: str) -> bool:
+    """Make ``directory`` root-only and return True, or check the one that exists."""
+    try:
+        os.makedirs(directory, mode=0o700)
+        return True
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    reason = (
+        check_file_permissions(directory, st)
+        if stat.S_ISDIR(st.st_mode)
+        else "not a directory (a symlink?)"
+    )
+    if reason:
+        raise QgafreezeError(
+            f"refusing to put the socket in {directory}: it is {reason}; others could replace"
+            " the socket there: use a directory only root can write"
+        )
+    return False
 
 
 def peer_of(conn: socket.socket) -> Peer:

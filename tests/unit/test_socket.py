@@ -374,3 +374,50 @@ def test_request_line_written_without_json_is_json_the_daemon_accepts(op):
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"op": op}
     assert protocol.parse_request(line.rstrip(b"\n")) == {"op": op}
+
+
+# -- where a daemon started by hand binds its socket --------------------------------------------
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    base = tempfile.mkdtemp(prefix="qgft-dir-")
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_existing_directory_keeps_its_mode_when_a_group_may_ask(scratch):
+    # $QGAFREEZE_SOCKET can put the socket in a directory others use too: only one that the
+    # daemon made is its to open for the group.
+    bind_listener(os.path.join(scratch, "q.sock"), group=65534).close()
+
+    assert oct(os.stat(scratch).st_mode & 0o7777) == "0o755"
+    made = os.path.join(scratch, "run")
+    bind_listener(os.path.join(made, "q.sock"), group=65534).close()
+    assert oct(os.stat(made).st_mode & 0o777) == "0o711"
+
+
+def test_a_directory_others_can_write_is_refused_and_left_as_it_was(scratch):
+    shared = os.path.join(scratch, "tmp")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)  # what /tmp is: anyone could replace the socket there
+
+    with pytest.raises(errors.QgafreezeError) as raised:
+        bind_listener(os.path.join(shared, "q.sock"), group=65534)
+
+    assert "writable by everyone" in raised.value.message
+    assert raised.value.message.startswith(f"refusing to put the socket in {shared}: ")
+    assert oct(os.stat(shared).st_mode & 0o7777) == "0o1777"
+    assert os.listdir(shared) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_a_directory_owned_by_another_user_is_refused(scratch):
+    theirs = os.path.join(scratch, "theirs")
+    os.mkdir(theirs, 0o755)
+    os.chown(theirs, 65534, 65534)
+
+    with pytest.raises(errors.QgafreezeError, match="owned by uid 65534, not root"):
+        bind_listener(os.path.join(theirs, "q.sock"))
+    assert os.listdir(theirs) == []
