@@ -1,8 +1,13 @@
-"""The compatible hook log: its dates, and the file root appends them to.
+"""The compatible hook log: its lines, and the file root appends them to.
 
 The daemon runs as root and the log's path comes from the config, so opening it must never let
 someone else choose what root writes to: no symbolic link is followed, and only a regular file
 of root's with one link, in a directory only root can change, is written (``append_to_hook_log``).
+
+Command output goes into the log between our own lines.  So that no command can print a line
+that passes for one of ours (``<date>: qgafreeze:db finished with status=0``), every output line
+starts with ``OUTPUT_MARK``, which none of our lines starts with, and control characters are
+shown escaped (``visible``): no carriage return or escape sequence redraws a line in a terminal.
 """
 
 from __future__ import annotations
@@ -11,8 +16,13 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Iterable
 
 from .trust import check_file_permissions
+
+# Starts every line of command output.  Our own lines start with a date (a capital letter) or a
+# result word (``failed: ...``), never with a space: ``grep '^[^ ]'`` leaves output out.
+OUTPUT_MARK = "  | "
 
 LOG_MODE = 0o600  # command output may be sensitive
 _OPEN_FLAGS = (
@@ -27,6 +37,36 @@ _OPEN_FLAGS = (
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+def _escapes() -> dict[int, str]:
+    """C0 but tab, DEL, C1, and the Unicode line separators and bidirectional controls (which
+    can make a terminal or an editor show a line other than it is), as visible escapes."""
+    codes = [*range(0x00, 0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)]
+    table = {code: f"\\x{code:02x}" for code in codes}
+    for code in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F)):
+        table[code] = f"\\u{code:04x}"
+    for code in range(0x2066, 0x206A):
+        table[code] = f"\\u{code:04x}"
+    return table
+
+
+_ESCAPES = _escapes()
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character as an escape (``\\x1b``); a tab stays a tab."""
+    return text.translate(_ESCAPES)
+
+
+def visible_lines(text: str) -> str:
+    """``visible`` for text of several lines: the newlines between them stay."""
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
+def output_lines(lines: Iterable[str]) -> list[str]:
+    """Command output as it goes into the hook log: marked, so that it never passes for ours."""
+    return [OUTPUT_MARK + line for line in lines]
+
+
 def hook_log_date(epoch: float) -> str:
     """The date as date(1) prints it in the C locale: ``Thu Nov 23 13:38:05 MSK 2023``."""
     return time.strftime("%a %b %e %H:%M:%S %Z %Y", time.localtime(epoch))
@@ -39,7 +79,7 @@ def append_to_hook_log(path: str, lines: list[str]) -> str:
     is opened first and checked, and the file is opened inside that very directory, so nothing
     can be swapped between the check and the write.
     """
-    data = "".join(line + "\n" for line in lines).encode("utf-8", "replace")
+    data = "".join(visible(line) + "\n" for line in lines).encode("utf-8", "replace")
     directory, name = os.path.split(path)
     try:
         dir_fd = os.open(directory or "/", _DIR_FLAGS)

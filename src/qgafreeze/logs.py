@@ -5,11 +5,15 @@ journald that blocks on its own files, would stall the cycle that is meant to en
 the engine only puts records on a bounded in-memory queue (it never waits on it); one writer
 thread drains it.  When the queue is full, records are dropped and counted, never waited for.
 
-The hook log keeps the lines administrators already grep (see the seed tutorial):
+The hook log keeps the lines administrators already grep (see the seed tutorial), with what an
+app's actions and commands printed marked and escaped (``hooklog``):
 
     Thu Nov 23 13:38:05 MSK 2023: execute qgafreeze:mariadb freeze
-    mariadb.service: stopped
+      | mariadb.service: stopped
     Thu Nov 23 13:38:06 MSK 2023: qgafreeze:mariadb finished with status=0
+
+journald's fields are structured, but ``journalctl`` prints them to a terminal: messages and
+fields get the same escapes, without the mark.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from .actioncontext import StepReport
 from .engine import CycleReport
-from .hooklog import append_to_hook_log, hook_log_date
+from .hooklog import append_to_hook_log, hook_log_date, output_lines, visible_lines
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome
 from .protocol import app_line
 
@@ -157,10 +161,10 @@ class LogWriter:
     def _journal(self, message: str, priority: int, message_id: str, **fields: Any) -> None:
         if self._send is None:
             return
-        clean = {k: str(v) for k, v in fields.items() if v is not None and v != ""}
+        clean = {k: visible_lines(str(v)) for k, v in fields.items() if v is not None and v != ""}
         try:
             self._send(
-                message,
+                visible_lines(message),
                 MESSAGE_ID=message_id,
                 PRIORITY=str(priority),
                 SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
@@ -197,7 +201,7 @@ class LogWriter:
             return [
                 f"{hook_log_date(when)}: qgafreeze:{outcome.app} {phase} skipped: {outcome.message}"
             ]
-        lines = list(outcome.output)
+        lines = output_lines(outcome.output)
         if outcome.message:
             lines.append(f"{outcome.result}: {outcome.message}")
         status = HOOK_STATUS[outcome.result]
@@ -224,7 +228,7 @@ class LogWriter:
         # The stock hook's own pair of lines, around this command's output.
         return [
             f"{hook_log_date(report.started)}: execute {report.what} {report.phase}",
-            *report.output,
+            *output_lines(report.output),
             f"{hook_log_date(when)}: {report.what} finished with status={report.status}",
         ]
 

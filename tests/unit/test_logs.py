@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
+from qgafreeze.actioncontext import StepReport
 from qgafreeze.engine import CycleReport
-from qgafreeze.hooklog import hook_log_date
+from qgafreeze.hooklog import OUTPUT_MARK, hook_log_date
 from qgafreeze.logs import MSG_APP_DONE, MSG_CYCLE_DONE, LogWriter
 from qgafreeze.outcome import AppOutcome
 
 DATE = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d \S+ \d{4}"
+FAKE_FINISHED = "Thu Nov 23 13:38:06 MSK 2023: qgafreeze:mariadb finished with status=0"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 
 
@@ -58,7 +60,10 @@ def test_hook_log_has_execute_output_and_finished_lines(tmp_path):
     assert writer.flush(5)
     lines = path.read_text().splitlines()
     assert re.fullmatch(DATE + r": execute qgafreeze:mariadb freeze", lines[0])
-    assert lines[1:3] == ["stopping mariadb.service", "mariadb.service: stopped"]
+    assert lines[1:3] == [
+        OUTPUT_MARK + "stopping mariadb.service",
+        OUTPUT_MARK + "mariadb.service: stopped",
+    ]
     assert re.fullmatch(DATE + r": qgafreeze:mariadb finished with status=0", lines[3])
 
 
@@ -237,3 +242,46 @@ def test_a_new_hook_log_is_created_0600_and_an_old_0644_one_made_0600(tmp_path):
     write_one_app(old)
     assert stat.S_IMODE(old.stat().st_mode) == 0o600
     assert old.read_text().startswith("earlier lines\n")
+
+
+# -- command output in the hook log: marked, so it never passes for a qgafreeze line -----------
+
+
+def test_command_output_can_never_pass_for_a_qgafreeze_line(tmp_path):
+    log = log_dir(tmp_path) / "hook.log"
+    writer = LogWriter(str(log), None)
+    fakes = (FAKE_FINISHED, "noise\r" + FAKE_FINISHED, "noise\n" + FAKE_FINISHED)
+    writer.app_started("c1", "freeze", "mariadb")
+    writer.step_finished(
+        "c1", "mariadb", StepReport("exec", "/usr/bin/flush", "freeze", time.time(), 1, fakes)
+    )
+    writer.app_finished("c1", outcome("failed", message="x\n" + FAKE_FINISHED, output=fakes))
+    assert writer.flush(5)
+    text = log.read_text()
+    assert "\r" not in text  # a terminal would draw the fake over its own line
+    lines = text.split("\n")
+    ours = [line for line in lines if re.match(DATE + ": ", line)]
+    assert len(ours) == 4  # execute the app, execute the step, the step's finished, the app's
+    assert [line for line in ours if "qgafreeze:mariadb finished" in line] == [ours[-1]]
+    assert ours[-1].endswith("qgafreeze:mariadb finished with status=1")
+    assert sum(line.endswith(FAKE_FINISHED) for line in lines) == 7  # every fake kept, marked
+
+
+def test_control_characters_in_output_are_shown_escaped_in_the_hook_log_and_journald(tmp_path):
+    log = log_dir(tmp_path) / "hook.log"
+    journal = Journal()
+    writer = LogWriter(str(log), journal.send)
+    output = ("\x1b[2J\x1b]0;owned\x07cleared", "tab\tstays", "del\x7f c1\x9b bidi\u202e")
+    writer.app_finished("c1", outcome(output=output))
+    assert writer.flush(5)
+    text = log.read_text()
+    assert "\\x1b[2J\\x1b]0;owned\\x07cleared" in text
+    assert "tab\tstays" in text
+    assert "del\\x7f c1\\x9b bidi\\u202e" in text
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", text)
+    field = journal.records[0]["QGAFREEZE_OUTPUT"]
+    assert field.split("\n") == [
+        "\\x1b[2J\\x1b]0;owned\\x07cleared",
+        "tab\tstays",
+        "del\\x7f c1\\x9b bidi\\u202e",
+    ]
