@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from container import Container
-from helpers import CLI, HOOK, active, add_unit, configure, hook, hook_log, status
+from helpers import CLI, HOOK, HOOK_LOG, active, add_unit, configure, hook, hook_log, status
 
 UNITS = ("qgft-db.service", "qgft-web.service")
 TWO_APPS = """version: 1
@@ -38,6 +38,41 @@ def test_unwritable_hook_log_does_not_stop_the_cycle_and_is_reported(two_apps):
     assert hook(c, "thaw")[0] == 0
     assert "No such file or directory" in status(c)["hook_log_error"]
     assert active(c, *UNITS) == ["active", "active"]
+
+
+def hook_log_error(c: Container) -> str:
+    """What status says about the hook log, once the daemon's log writer has caught up."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        error = status(c)["hook_log_error"] or ""
+        if error:
+            return error
+        time.sleep(0.2)
+    return ""
+
+
+def test_a_symlink_planted_as_the_hook_log_is_refused_and_its_target_left_alone(two_apps):
+    c = two_apps
+    c.write_file("/etc/qgft-secret", "root's own\n", mode=0o600)
+    c.run(["ln", "-sf", "/etc/qgft-secret", HOOK_LOG])
+    try:
+        assert hook(c, "freeze")[0] == 0
+        assert hook(c, "thaw")[0] == 0
+        assert "refused: it is a symbolic link" in hook_log_error(c)
+        assert c.run(["cat", "/etc/qgft-secret"]).stdout == "root's own\n"
+        assert active(c, *UNITS) == ["active", "active"]
+    finally:
+        c.run(["rm", "-f", HOOK_LOG, "/etc/qgft-secret"])
+
+
+def test_an_old_world_readable_hook_log_is_made_0600_and_kept(two_apps):
+    c = two_apps
+    c.write_file(HOOK_LOG, "an older cycle\n", mode=0o644)
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+    assert hook_log(c).startswith("an older cycle\n")
+    assert c.run(["stat", "-c", "%a %U", HOOK_LOG]).stdout.split() == ["600", "root"]
+    assert status(c)["hook_log_error"] is None
 
 
 def test_config_others_can_write_is_refused_on_reload_and_the_old_one_kept(two_apps):
