@@ -21,6 +21,7 @@ from .appconfig import legacy_app, parse_app
 from .errors import ConfigError
 from .fields import ACCOUNT_NAME, Problems
 from .model import CONFIG_VERSION, App, Config, Settings
+from .protocol import OPS
 from .trust import check_file_permissions, host_problems
 
 
@@ -96,7 +97,26 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
         legacy_hooks=legacy_hooks and (legacy_hooks.rstrip("/") or "/"),
         legacy_hook_timeout=seconds("legacy_hook_timeout"),
         allowed_group=allowed_group,
+        allowed_group_ops=_ops(problems, "settings.allowed_group_ops", given["allowed_group_ops"]),
     )
+
+
+def _ops(problems: Problems, path: str, value: Any) -> list[str]:
+    """A list of request ops, each once (``[]``: the group may not even ping)."""
+    if not isinstance(value, list):
+        problems.add(path, f"expected a list of {', '.join(OPS)}, got {fields.kind(value)}")
+        return []
+    ops: list[str] = []
+    for index, op in enumerate(value):
+        if op not in OPS:
+            problems.add(
+                f"{path}[{index}]", f"expected one of {', '.join(OPS)}, got {fields.kind(op)}"
+            )
+        elif op in ops:
+            problems.add(f"{path}[{index}]", f"{op!r} is listed twice")
+        else:
+            ops.append(op)
+    return ops
 
 
 def find_cycle(graph: dict[str, tuple[str, ...]]) -> list[str] | None:

@@ -16,6 +16,10 @@ ON_FAILURE_CHOICES = ("abort", "continue")
 MODES = ("stop", "freeze")  # what happens to an app's units: stopped, or cgroup-frozen
 WHOM = ("all", "main", "control")  # systemd's KillUnit: which of a unit's processes
 
+# What members of settings.allowed_group may ask (protocol.OPS) unless
+# settings.allowed_group_ops grants more: nothing that changes the state of the apps.
+ALLOWED_GROUP_OPS = ("ping", "status")
+
 # The app made from settings.legacy_hooks; no declared app may take its name.
 LEGACY_APP = "legacy-hooks"
 
@@ -92,6 +96,8 @@ class Settings:
     # Its members may use the socket too; None: root only.  A name, resolved where it is used
     # (trust.resolve_group), so that parsing a config never depends on the host's groups.
     allowed_group: str | None
+    # What they may ask (protocol.OPS).  A list, as the schema's default reads.
+    allowed_group_ops: list[str]
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,17 @@ import yaml
 
 from . import paths
 from .agentwatch import THAW_HOOK_GRACE
-from .model import CONFIG_VERSION, LEGACY_APP, MODES, ON_FAILURE_CHOICES, SIGNALS, WHOM
+from .model import (
+    ALLOWED_GROUP_OPS,
+    CONFIG_VERSION,
+    LEGACY_APP,
+    MODES,
+    ON_FAILURE_CHOICES,
+    SIGNALS,
+    WHOM,
+)
 from .presets import PRESETS
+from .protocol import OPS
 
 
 @dataclass(frozen=True)
@@ -131,8 +140,14 @@ SETTINGS = Section(
         Key(
             "allowed_group",
             "group name, or null",
-            "Its members may use the socket too (status, freeze, thaw); null: root only.",
+            "Its members may use the socket too, for allowed_group_ops; null: root only.",
             "null",
+        ),
+        Key(
+            "allowed_group_ops",
+            f"list of: {', '.join(OPS)}",
+            "What allowed_group may ask; a thaw or freeze at the wrong time spoils a backup.",
+            f"[{', '.join(ALLOWED_GROUP_OPS)}]",
         ),
     ),
     removed=(
@@ -193,6 +208,7 @@ APP = Section(
         ),
     ),
 )
+
 
 def _how_to_run(applies: str) -> tuple[Key, ...]:
     """The keys a session and a command step share; ``applies`` says to which steps."""
