@@ -22,6 +22,8 @@ from .trust import check_file_permissions
 
 # Starts every line of command output.  Our own lines start with a date (a capital letter) or a
 # result word (``failed: ...``), never with a space: ``grep '^[^ ]'`` leaves output out.
+# Groups below this are the system's own (Debian's and Fedora's SYS_GID_MAX is 999).
+SYSTEM_GID_LIMIT = 1000
 OUTPUT_MARK = "  | "
 
 LOG_MODE = 0o600  # command output may be sensitive
@@ -136,7 +138,7 @@ def _directory_problem(dir_fd: int, name: str) -> str | None:
         while True:
             reason = check_file_permissions(name, st)
             sticky_above = not holds_the_log and st.st_mode & stat.S_ISVTX and st.st_uid == 0
-            if reason and not sticky_above:
+            if reason and not sticky_above and not (holds_the_log and _log_group_dir(st)):
                 return f"{name} is {reason}"
             up = os.open("..", _DIR_FLAGS, dir_fd=current)
             if current != dir_fd:
@@ -149,6 +151,15 @@ def _directory_problem(dir_fd: int, name: str) -> str | None:
     finally:
         if current != dir_fd:
             os.close(current)
+
+
+def _log_group_dir(st: os.stat_result) -> bool:
+    """Root's log directory that a system group may write too, as Ubuntu's rsyslog sets up
+    /var/log (0775 root:syslog).  That group can delete the log or put its own file in its place,
+    never make root write elsewhere: the file must still be root's, with one link, opened without
+    following links.  Refusing it would leave Ubuntu without the hook log administrators read."""
+    mode = stat.S_IMODE(st.st_mode)
+    return st.st_uid == 0 and not mode & stat.S_IWOTH and 0 < st.st_gid < SYSTEM_GID_LIMIT
 
 
 def _write_all(fd: int, data: bytes) -> None:

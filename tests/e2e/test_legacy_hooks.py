@@ -138,4 +138,4 @@ def test_legacy_script_leaving_a_locking_client_behind_through_qemu_ga(guest):
         log = sh(vm, "cat /var/log/qga-fsfreeze-hook.log").stdout
         assert re.search(rf": {SCRIPT} finished with status=0$", log, re.M), log
         assert "left running: pid " in log, log
-        assert re.search(rf"^{SCRIPT} freeze left .* ended by itself$", log, re.M), log
+        assert re.search(rf"^  \| {SCRIPT} freeze left .* ended by itself$", log, re.M), log

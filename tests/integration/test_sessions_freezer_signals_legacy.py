@@ -300,5 +300,5 @@ def test_legacy_script_leaving_a_locking_client_behind_freezes_at_once_and_thaws
         log = hook_log(c)
         assert re.search(rf"^{DATE}: {script} finished with status=0$", log, re.M), log
         assert "left running: pid " in log
-        assert re.search(rf"^{script} freeze left .* ended by itself$", log, re.M), log
+        assert re.search(rf"^  \| {script} freeze left .* ended by itself$", log, re.M), log
         c.run(["truncate", "-s0", HOOK_LOG])

@@ -222,6 +222,16 @@ def test_a_hook_log_in_a_directory_another_group_can_write_is_refused(tmp_path):
     assert "writable by group id 65534" in writer.hook_log_error
 
 
+@needs_root
+def test_a_hook_log_in_a_directory_a_system_group_can_write_is_used_as_on_ubuntu(tmp_path):
+    # Ubuntu's rsyslog keeps /var/log 0775 root:syslog; the file itself must still be root's.
+    directory = log_dir(tmp_path, 0o775)
+    os.chown(directory, 0, 4)  # a system group (adm on Debian)
+    writer = write_one_app(directory / "hook.log")
+    assert writer.hook_log_error == ""
+    assert "finished with status=0" in (directory / "hook.log").read_text()
+
+
 def test_a_hook_log_below_a_directory_others_can_write_is_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
