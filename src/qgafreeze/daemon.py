@@ -217,7 +217,8 @@ class Daemon:
             # with nothing paused, so no watch is armed and no write is pending here.
             self._log.set_hook_log(config.settings.hook_log)
             self.watch_agent(config.settings.agent_state_file)
-            if self.server is not None:
+            if self.server is not None:  # ops first: a reload taking freeze away holds at once
+                self.server.allowed_ops = tuple(config.settings.allowed_group_ops)
                 self.server.allowed_gid = allowed_gid(config, self._log)
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
             log_warnings(config, self._log)
@@ -359,7 +360,9 @@ def run(config_path: str) -> int:
         listener = bind_listener(socket_path(), gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     daemon.watch_agent(config.settings.agent_state_file)
-    server = Server(listener, daemon, log, allowed_gid=gid)
+    server = Server(
+        listener, daemon, log, allowed_gid=gid, allowed_ops=config.settings.allowed_group_ops
+    )
     daemon.server = server
     _warm_up(log)
     return daemon.run(server)

@@ -3,10 +3,16 @@
 Each client gets its own thread so that ``status`` and ``ping`` stay answerable while a freeze
 runs, and a client that stalls or disconnects can only hurt its own connection.  A cycle runs in
 the thread of the request that started it and finishes whether or not its client is still there.
+
+Root may ask anything.  Members of ``allowed_gid`` may ask for ``allowed_ops`` only (ping and
+status unless the config grants more), get replies without any command's output (which names
+command lines), and hold at most half of the connection slots: the other half stays root's, so
+that the hook never gets "busy" because of them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
@@ -15,23 +21,32 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from . import protocol
 from .errors import Busy, Forbidden, InternalError, ProtocolError, QgafreezeError
+from .model import ALLOWED_GROUP_OPS
 from .trust import check_file_permissions
 
 SD_LISTEN_FDS_START = 3
 MAX_CLIENTS = 64  # concurrent connections; more get an immediate "busy"
+NON_ROOT_CLIENTS = MAX_CLIENTS // 2  # of which non-root peers may hold this many
+# Linux 4.13+; Python's socket module does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_PEER_GROUPS = 256  # what getsockopt's 1024-byte buffer holds
 REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
 
 
 @dataclass(frozen=True)
 class Peer:
+    """Who connected, as the kernel recorded it at connect()."""
+
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] | None = None  # supplementary; None: the kernel cannot say
 
 
 Send = Callable[[dict[str, Any]], None]
@@ -123,13 +138,27 @@ def _socket_directory(directory: str) -> bool:
 
 
 def peer_of(conn: socket.socket) -> Peer:
+    """SO_PEERCRED and SO_PEERGROUPS: the credentials the peer connected with, which a pid
+    (exited, perhaps reused by another process by the time we look) cannot change."""
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    groups: tuple[int, ...] | None
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw)
+    except OSError as exc:
+        if exc.errno == errno.ERANGE:
+            groups = ()  # more than we can read: its supplementary groups do not let it in
+        elif exc.errno == errno.ENOPROTOOPT:
+            groups = None
+        else:
+            raise
+    return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
 
 
 def supplementary_groups(pid: int) -> set[int]:
-    """The peer's supplementary groups (SO_PEERCRED carries only the primary one)."""
+    """The groups of process ``pid`` now, from /proc: only for a kernel without SO_PEERGROUPS
+    (before 4.13), since the peer may have exited and its pid be another process's."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
             for line in handle:
@@ -161,15 +190,19 @@ class Server:
         handler: Handler,
         problems: Problems,
         allowed_gid: int | None = None,
+        allowed_ops: Collection[str] = ALLOWED_GROUP_OPS,
         request_timeout: float = protocol.REQUEST_TIMEOUT,
     ) -> None:
         self._listener = listener
         self._handler = handler
         self._problems = problems
         self.allowed_gid = allowed_gid  # members of this group may ask too; None: root only
+        self.allowed_ops = tuple(allowed_ops)  # what they may ask
         self._request_timeout = request_timeout
         self._clients = 0
+        self._non_root = 0  # of them, non-root peers'
         self._clients_lock = threading.Lock()
+        self._said_proc = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -199,29 +232,51 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(True)
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
         with self._clients_lock:
             full = self._clients >= MAX_CLIENTS
+            if peer.uid != 0:
+                full = full or self._non_root >= NON_ROOT_CLIENTS
             if not full:
                 self._clients += 1
+                self._non_root += peer.uid != 0
         if full:
             _send_quietly(conn, protocol.error_reply(None, Busy.code, "too many connections"))
             conn.close()
             return
         threading.Thread(
-            target=self._serve_client, args=(conn,), name="client", daemon=True
+            target=self._serve_client, args=(conn, peer), name="client", daemon=True
         ).start()
 
-    def _may_ask(self, peer: Peer) -> bool:
+    def _ops_of(self, peer: Peer) -> tuple[str, ...]:
+        """What ``peer`` may ask: everything for root, the granted ops for the group, else
+        nothing."""
         if peer.uid == 0:
-            return True
-        gid = self.allowed_gid
-        return gid is not None and (peer.gid == gid or gid in supplementary_groups(peer.pid))
+            return protocol.OPS
+        gid, ops = self.allowed_gid, self.allowed_ops
+        if gid is None:
+            return ()
+        groups = peer.groups
+        if groups is None:
+            if not self._said_proc:
+                self._said_proc = True
+                self._problems.problem(
+                    "this kernel has no SO_PEERGROUPS (Linux 4.13+): a peer's groups are read"
+                    " from /proc/PID/status instead, which a pid reused after the peer exits"
+                    " could fool"
+                )
+            groups = tuple(supplementary_groups(peer.pid))
+        return ops if peer.gid == gid or gid in groups else ()
 
-    def _serve_client(self, conn: socket.socket) -> None:
+    def _serve_client(self, conn: socket.socket, peer: Peer) -> None:
         op: str | None = None
         try:
-            peer = peer_of(conn)
-            if not self._may_ask(peer):
+            ops = self._ops_of(peer)
+            if not ops:
                 who = "root" if self.allowed_gid is None else f"root and group {self.allowed_gid}"
                 self._problems.problem(
                     f"refused a request from uid {peer.uid} (pid {peer.pid}): only {who} may ask"
@@ -230,7 +285,18 @@ class Server:
             line = protocol.LineReader(conn).read_line(time.monotonic() + self._request_timeout)
             request = protocol.parse_request(line)
             op = request["op"]
-            reply = self._handler(request, peer, lambda message: _send_quietly(conn, message))
+            if op not in ops:
+                self._problems.problem(
+                    f"refused {op} from uid {peer.uid} (pid {peer.pid}): group"
+                    f" {self.allowed_gid} may ask for {', '.join(ops)} only"
+                )
+                raise Forbidden(
+                    f"permission denied: {op} needs root; group {self.allowed_gid} may ask for"
+                    f" {', '.join(ops)} (settings.allowed_group_ops)"
+                )
+            reply = self._handler(
+                request, peer, lambda message: _send_quietly(conn, _shown_to(peer, message))
+            )
         except (ProtocolError, Forbidden) as exc:
             reply = protocol.error_reply(op, exc.code, exc.message)
         except QgafreezeError as exc:
@@ -243,8 +309,21 @@ class Server:
         finally:
             with self._clients_lock:
                 self._clients -= 1
-        _send_quietly(conn, reply)
+                self._non_root -= peer.uid != 0
+        _send_quietly(conn, _shown_to(peer, reply))
         conn.close()
+
+
+def _shown_to(peer: Peer, message: Any) -> Any:
+    """``message`` as ``peer`` may see it: for anyone but root, without the output of any app
+    (step labels and sessions name their command lines; commands print what they like)."""
+    if peer.uid == 0:
+        return message
+    if isinstance(message, dict):
+        return {key: _shown_to(peer, value) for key, value in message.items() if key != "output"}
+    if isinstance(message, list):
+        return [_shown_to(peer, item) for item in message]
+    return message
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:

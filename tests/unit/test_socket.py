@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import tempfile
@@ -17,7 +18,7 @@ import pytest
 
 from qgafreeze import errors, protocol, shim
 from qgafreeze.errors import ProtocolError, Unreachable
-from qgafreeze.server import Peer, Send, Server, bind_listener
+from qgafreeze.server import MAX_CLIENTS, Peer, Send, Server, bind_listener
 
 
 class ScriptedHandler:
@@ -166,21 +167,24 @@ def test_client_that_disconnects_mid_cycle_does_not_stop_the_cycle(served):
     assert shim.request("ping", path)["ok"] is True
 
 
-def _connect_as_nobody(path: str) -> str:
-    """Connect from a child process running as uid 65534; return what it saw."""
+PEER_GROUP = 4242  # a supplementary group of the test's peers (their primary one is 65534)
+
+
+def _as_nobody(child: Any, groups: tuple[int, ...] = (PEER_GROUP,)) -> Any:
+    """Run ``child()`` in a process of uid and gid 65534 with ``groups``; return what it
+    returned (JSON), or the exception it raised, as text."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         try:
             os.close(read_end)
+            os.setgroups(list(groups))
             os.setgid(65534)
             os.setuid(65534)
             try:
-                outcome = json.dumps(shim.request("ping", path))
-            except Unreachable as exc:
-                outcome = "unreachable: " + exc.message
+                outcome = json.dumps(child())
             except Exception as exc:  # reported to the parent, which shows it on failure
-                outcome = f"error: {exc!r}"
+                outcome = json.dumps(f"error: {exc!r}")
             os.write(write_end, outcome.encode())
         finally:
             os._exit(0)
@@ -188,7 +192,19 @@ def _connect_as_nobody(path: str) -> str:
     with os.fdopen(read_end) as reader:
         seen = reader.read()
     os.waitpid(pid, 0)
-    return seen
+    return json.loads(seen)
+
+
+def _connect_as_nobody(path: str) -> str:
+    """Connect from a child process running as uid 65534; return what it saw."""
+
+    def child() -> str:
+        try:
+            return json.dumps(shim.request("ping", path))
+        except Unreachable as exc:
+            return "unreachable: " + exc.message
+
+    return str(_as_nobody(child, groups=()))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
@@ -421,3 +437,177 @@ def test_a_directory_owned_by_another_user_is_refused(scratch):
     with pytest.raises(errors.QgafreezeError, match="owned by uid 65534, not root"):
         bind_listener(os.path.join(theirs, "q.sock"))
     assert os.listdir(theirs) == []
+
+
+# -- what the allowed group may do ---------------------------------------------------------------
+
+GRANTED_ALL = ("ping", "status", "freeze", "thaw")
+
+
+class CycleReplies(ScriptedHandler):
+    """Replies as the daemon's do: each app with its output, which names commands."""
+
+    def __call__(self, request: dict[str, Any], peer: Peer, send: Send) -> dict[str, Any]:
+        app = {"app": "db", "phase": "freeze", "result": "ok", "duration_ms": 5, "message": ""}
+        app["output"] = ["session 42 ready: mariadb --defaults-file=/root/.secret.cnf"]
+        if request["op"] == "status":
+            return {"ok": True, "op": "status", "state": "thawed", "last": {"apps": [app]}}
+        reply = super().__call__(request, peer, send)
+        return {**reply, "apps": [app], "rollback": [app]} if reply["ok"] else reply
+
+
+class GroupServer:
+    """A server whose socket (0660, group PEER_GROUP) lets that group in; not yet serving."""
+
+    def __init__(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="qgft-rights-")
+        os.chmod(self.base, 0o755)
+        self.path = os.path.join(self.base, "run", "q.sock")
+        self.handler, self.problems = CycleReplies(), Problems()
+        listener = bind_listener(self.path, group=PEER_GROUP)
+        self.server = Server(
+            listener, self.handler, self.problems, allowed_gid=PEER_GROUP, request_timeout=10
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self.server.serve, args=(self._stop.is_set,), daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.wake()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+def group_server() -> Iterator[GroupServer]:
+    served = GroupServer()
+    yield served
+    served.close()
+
+
+def ask_all(path: str, ops: tuple[str, ...]) -> Any:
+    def child() -> list[dict[str, Any]]:
+        return [shim.request(op, path) for op in ops]
+
+    return child
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+
+
+@needs_root
+def test_the_allowed_group_may_ping_and_ask_status_but_not_freeze_or_thaw_by_default(
+    group_server,
+):
+    group_server.start()
+
+    ping, status, freeze, thaw = _as_nobody(ask_all(group_server.path, GRANTED_ALL))
+
+    assert ping["ok"] is True and status["ok"] is True
+    for reply, op in ((freeze, "freeze"), (thaw, "thaw")):
+        assert reply["error"]["code"] == "forbidden", reply
+        assert reply["error"]["message"] == (
+            f"permission denied: {op} needs root; group {PEER_GROUP} may ask for ping,"
+            " status (settings.allowed_group_ops)"
+        )
+    assert group_server.handler.done == []  # no cycle ran
+    assert [m for m in group_server.problems.messages if "refused freeze from uid 65534" in m]
+
+
+@needs_root
+def test_an_admin_may_grant_the_group_freeze_and_thaw(group_server):
+    group_server.server.allowed_ops = GRANTED_ALL
+    group_server.start()
+
+    replies = _as_nobody(ask_all(group_server.path, ("freeze", "thaw")))
+
+    assert [reply["ok"] for reply in replies] == [True, True]
+    assert group_server.handler.done == ["freeze", "thaw"]
+
+
+@needs_root
+def test_replies_to_the_group_carry_no_command_lines_or_output(group_server):
+    group_server.server.allowed_ops = GRANTED_ALL
+    group_server.start()
+
+    status, freeze = _as_nobody(ask_all(group_server.path, ("status", "freeze")))
+
+    assert status["last"]["apps"] == [
+        {"app": "db", "phase": "freeze", "result": "ok", "duration_ms": 5, "message": ""}
+    ]
+    assert "secret" not in json.dumps([status, freeze])
+    assert [sorted(app) for app in freeze["apps"] + freeze["rollback"]] == 2 * [
+        ["app", "duration_ms", "message", "phase", "result"]
+    ]
+    # Root still sees everything.
+    assert "output" in shim.request("status", group_server.path)["last"]["apps"][0]
+
+
+@needs_root
+def test_the_group_cannot_take_the_connection_slots_root_needs(group_server):
+    path = group_server.path
+    group_server.start()
+    release_r, release_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+
+    def hog() -> int:
+        """Open every slot there is and keep them silent; count the "busy" answers."""
+        os.close(release_w)
+        held = []
+        for _ in range(MAX_CLIENTS):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            held.append(sock)
+        busy, waiting, deadline = 0, list(held), time.monotonic() + 1
+        while waiting and time.monotonic() < deadline:
+            readable, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
+            for sock in readable:
+                waiting.remove(sock)
+                busy += b'"busy"' in sock.recv(4096)
+        os.write(ready_w, str(busy).encode())
+        os.read(release_r, 1)  # hold the rest until root has asked
+        return busy
+
+    holder = threading.Thread(target=lambda: hogged.append(_as_nobody(hog)))
+    hogged: list[Any] = []
+    holder.start()
+    try:
+        busy = int(os.read(ready_r, 16))
+        assert busy == MAX_CLIENTS - MAX_CLIENTS // 2
+        assert shim.request("ping", path)["ok"] is True
+    finally:
+        os.write(release_w, b"x")
+        holder.join(10)
+    assert hogged == [busy]
+
+
+@needs_root
+def test_a_peers_groups_are_those_it_connected_with_not_what_proc_says_later(group_server):
+    # SO_PEERGROUPS, not /proc/PID/status: by the time a request is read the peer may have
+    # exited, and its pid may be another process's, with other groups.
+    path = group_server.path
+    keep_r, keep_w = socket.socketpair()
+
+    def connect_and_leave() -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)  # into the backlog: the server accepts nothing yet
+        socket.send_fds(keep_w, [b"x"], [sock.fileno()])
+        return True
+
+    assert _as_nobody(connect_and_leave) is True  # the peer has exited and been reaped
+    _, fds, _, _ = socket.recv_fds(keep_r, 1, 1)
+    group_server.start()
+    with socket.socket(fileno=fds[0]) as sock:
+        sock.sendall(b'{"op": "ping"}\n')
+        sock.settimeout(5)
+        reply = json.loads(sock.recv(65536))
+    keep_r.close()
+    keep_w.close()
+
+    assert reply["ok"] is True, reply
