@@ -18,7 +18,8 @@ from . import commands
 from .actioncontext import Action, ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .legacy import LegacyHooksAction
-from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step
+from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step, join_path
+from .trust import session_problems, step_problems
 from .units import UnitManager, UnitState
 
 
@@ -121,6 +122,7 @@ class StepsAction:
     key = "steps"
 
     def __init__(self, app: App, manager: UnitManager) -> None:
+        self._where = join_path("apps", app.name)
         self._freeze = app.freeze
         self._thaw = app.thaw
         self._manager = manager
@@ -133,25 +135,29 @@ class StepsAction:
         # Marked first: thaw steps undo whatever part of the freeze steps ran.
         ctx.undo(self.key).append("freeze steps started")
         ctx.checkpoint()
-        for step in self._freeze:
+        for index, step in enumerate(self._freeze):
             if ctx.cancelled.is_set():
                 return
-            self._run(step, "freeze", ctx)
+            self._run(index, step, "freeze", ctx)
 
     def resume(self, ctx: ActionContext) -> None:
         undo = ctx.undo(self.key)
         if not undo:
             return
         failures: list[QgafreezeError] = []
-        for step in self._thaw:
+        for index, step in enumerate(self._thaw):
             try:
-                self._run(step, "thaw", ctx)
+                self._run(index, step, "thaw", ctx)
             except QgafreezeError as exc:  # the other thaw steps still run
                 failures.append(exc)
         raise_all(failures)
         undo.clear()
 
-    def _run(self, step: Step, phase: str, ctx: ActionContext) -> None:
+    def _run(self, index: int, step: Step, phase: str, ctx: ActionContext) -> None:
+        # Checked again as it is about to run: a file may have changed since the config was loaded.
+        refused = step_problems(f"{self._where}.{phase}[{index}]", step)
+        if refused:
+            raise CommandFailed("; ".join(refused))
         started = time.time()
         what = step.describe()
         if step.kind == "signal":
@@ -189,6 +195,7 @@ class SessionAction:
 
     def __init__(self, app: App, session: Session) -> None:
         self._app = app.name
+        self._where = join_path("apps", app.name) + ".session"
         self._session = session
         self._held: commands.HeldSession | None = None
 
@@ -208,6 +215,9 @@ class SessionAction:
                 " its lock is gone, the snapshot may not be application-consistent"
             )
 
+        refused = session_problems(self._where, self._session)  # again: files change after load
+        if refused:
+            raise CommandFailed("; ".join(refused))
         started = time.time()
         held = commands.HeldSession(
             self._session.argv, self._session.user, self._session.env, self._session.cwd, on_exit

@@ -20,6 +20,7 @@ from typing import IO, Optional
 from . import commands
 from .actioncontext import ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
+from .trust import legacy_problems
 
 # The stock hook skips these, as package managers and editors leave them beside real scripts.
 SKIPPED_SUFFIXES = (
@@ -300,7 +301,11 @@ class LegacyHooksAction:
 
     def quiesce(self, ctx: ActionContext) -> None:
         undo = ctx.undo(self.key)
-        for script in legacy_scripts(self._directory):
+        scripts = legacy_scripts(self._directory)
+        refused = legacy_problems(self._directory, scripts)  # scripts come and go after the load
+        if refused:
+            raise CommandFailed("; ".join(refused))
+        for script in scripts:
             if ctx.cancelled.is_set():
                 return
             undo.append(script)
@@ -323,6 +328,9 @@ class LegacyHooksAction:
         raise_all(failures)
 
     def _run(self, script: str, phase: str, ctx: ActionContext) -> None:
+        refused = legacy_problems(self._directory, [script])  # again, just before it runs
+        if refused:
+            raise CommandFailed("; ".join(refused))
         started = time.time()
         deadline = min(ctx.deadline, time.monotonic() + self._timeout)
         try:

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeSystemd, RecordingEvents
 
+from qgafreeze.actions import build_actions
 from qgafreeze.config import load_file
+from qgafreeze.engine import CycleReport, Engine
 from qgafreeze.errors import ConfigError
 from qgafreeze.model import Config
+from qgafreeze.planner import build_plan
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 
@@ -314,3 +318,71 @@ def test_everyday_commands_and_shell_text_are_accepted(tmp_path):
         {"exec": ["/usr/bin/env", "LANG=C", "true"], "env": {"PATH": "/usr/bin:/bin"}},
     )
     assert len(load(tmp_path, data).app("a").freeze) == 6
+
+
+# -- again, just before each run ------------------------------------------------------------------
+
+
+def engine_for(config: Config) -> Engine:
+    actions = build_actions(config.apps, FakeSystemd({}), config.settings.legacy_hook_timeout)
+    return Engine(config, build_plan(config), actions, RecordingEvents(), abandon_grace=0.5)
+
+
+def legacy_engine(tmp_path: Path, name: str, body: str) -> tuple[Engine, Path]:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    script = program(hooks / name, body)
+    return engine_for(load(tmp_path, {"settings": {"legacy_hooks": str(hooks)}})), script
+
+
+def assert_refused_and_not_run(report: CycleReport, refusal: str, tmp_path: Path) -> None:
+    assert not report.ok
+    assert refusal in report.apps[0].message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_program_changed_after_the_load_is_refused_before_it_runs(tmp_path):
+    tool = program(tmp_path / "flush", f"touch {tmp_path}/ran")
+    engine = engine_for(load(tmp_path, freeze_steps({"exec": [str(tool)]})))
+    os.chown(tool, NOBODY, NOBODY)
+    refusal = f"apps.a.freeze[0].exec[0]: refused: {owned(tool)}"
+    assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
+
+
+def test_a_thaw_step_changed_while_frozen_is_refused_and_not_run(tmp_path):
+    tool = program(tmp_path / "resume", f"touch {tmp_path}/ran")
+    data = {"apps": {"a": {"freeze": [{"exec": ["/bin/true"]}], "thaw": [{"shell": str(tool)}]}}}
+    engine = engine_for(load(tmp_path, data))
+    assert engine.freeze().ok
+    tool.chmod(0o777)
+    refusal = f"apps.a.thaw[0].shell: refused: {tool} is writable by everyone"
+    assert_refused_and_not_run(engine.thaw(), refusal, tmp_path)
+
+
+def test_a_session_program_changed_after_the_load_is_refused_before_it_starts(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = program(bin_dir / "client", f"touch {tmp_path}/ran; echo ready; cat")
+    engine = engine_for(
+        load(tmp_path, {"apps": {"db": {"session": {"argv": [str(tool)], "ready": "ready"}}}})
+    )
+    os.chown(bin_dir, NOBODY, NOBODY)
+    refusal = f"apps.db.session.argv[0]: refused: {owned(bin_dir)}"
+    assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
+
+
+def test_a_legacy_script_added_after_the_load_is_refused_at_the_scan_and_none_runs(tmp_path):
+    engine, script = legacy_engine(tmp_path, "10-good", f"touch {tmp_path}/ran")
+    added = program(script.parent / "20-added", f"touch {tmp_path}/ran")
+    os.chown(added, NOBODY, NOBODY)
+    refusal = f"settings.legacy_hooks: refused: {owned(added)}"
+    assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
+
+
+def test_a_legacy_script_changed_while_frozen_is_not_run_at_the_thaw(tmp_path):
+    body = f'[ "$1" = thaw ] && touch {tmp_path}/ran; exit 0'
+    engine, script = legacy_engine(tmp_path, "10-db", body)
+    assert engine.freeze().ok
+    os.chown(script, NOBODY, NOBODY)
+    refusal = f"settings.legacy_hooks: refused: {owned(script)}"
+    assert_refused_and_not_run(engine.thaw(), refusal, tmp_path)
