@@ -1,8 +1,11 @@
 """Running commands for apps: one-shot steps and sessions held from freeze to thaw.
 
-Every child runs in its own session (process group) with a clean environment and, when asked,
-as another user, so that a timeout can kill it with everything it started and nothing is left
-holding qemu-ga's pipe.  No shell is involved unless the config says ``shell:``.  Output is read
+Every child runs in its own session with a clean environment, in a cgroup of its own
+(``containment``), so that ending it ends everything it started, even what called setsid(), and
+nothing is left holding qemu-ga's pipe.  Run as another user (``user:``), it is that user whole:
+uid and primary gid (real, effective and saved), the user's own supplementary groups and none of
+the daemon's, and an ordinary OOM score rather than the daemon's -500.  No shell is involved
+unless the config says ``shell:`` (but for the gate, ``containment.start``).  Output is read
 through a pseudo-terminal for sessions: database clients buffer their output on a pipe, and a
 held session must show its ``ready`` line while it keeps running.
 """
@@ -14,7 +17,6 @@ import pty
 import pwd
 import re
 import select
-import signal
 import subprocess
 import threading
 import time
@@ -23,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .containment import Child, Jail, new_jail, start
 from .errors import ActionTimeout, CommandFailed
 from .paths import SAFE_PATH
 
-KILL_GRACE = 2.0  # between SIGTERM and SIGKILL of a process group
 OUTPUT_LINES = 200  # kept per command for the logs; the rest is counted, not stored
 LINE_LIMIT = 2000
 
@@ -37,42 +39,39 @@ class Outcome:
     output: tuple[str, ...]
 
 
+def _account(user: str | None) -> Optional[pwd.struct_passwd]:
+    if user is None:
+        return None
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise CommandFailed(f"no such user {user!r}") from None
+
+
 def environment(user: str | None, extra: Sequence[tuple[str, str]]) -> tuple[dict[str, str], str]:
     """A clean environment (nothing inherited from the daemon) and the home directory."""
-    if user is None:
-        home, name = "/root", "root"
-    else:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            raise CommandFailed(f"no such user {user!r}") from None
-        home, name = entry.pw_dir, entry.pw_name
+    return _environment(_account(user), extra)
+
+
+def _environment(
+    entry: Optional[pwd.struct_passwd], extra: Sequence[tuple[str, str]]
+) -> tuple[dict[str, str], str]:
+    home, name = ("/root", "root") if entry is None else (entry.pw_dir, entry.pw_name)
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": name, "LOGNAME": name}
     env.update(extra)
     return env, home
 
 
-def exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def kill_group(process: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
-    """SIGTERM the whole process group, SIGKILL it if anything is left after ``grace``."""
-    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; children it left in the group go too.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _check_program(program: str, search_path: str, cwd: str) -> None:
+    """Fail as Popen failed before the gate: at the gate the shell would only print it."""
+    if "/" in program:
+        candidates = [os.path.join(cwd, program)]
+    else:
+        candidates = [os.path.join(cwd, d, program) for d in search_path.split(os.pathsep)]
+    if any(os.path.isfile(c) and os.access(c, os.X_OK) for c in candidates):
         return
+    why = "Permission denied" if any(os.path.exists(c) for c in candidates) else None
+    raise CommandFailed(f"{program}: cannot run: {why or 'No such file or directory'}")
 
 
 class Lines:
@@ -111,28 +110,25 @@ def spawn(
     user: str | None,
     env: Sequence[tuple[str, str]],
     cwd: str | None,
-    stdin: int,
     output: int,
+    keep_stdin: bool = False,
     extra_env: dict[str, str] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start a child in its own process group, clean environment, as ``user``."""
-    environ, home = environment(user, env)
+    jails: Callable[[], Jail] = new_jail,
+) -> Child:
+    """Start a child in a jail of its own, with a clean environment, as ``user`` (its uid, gid
+    and groups, as initgroups(3) gives them).  Its stdin is /dev/null, or with ``keep_stdin`` a
+    pipe the caller writes to."""
+    entry = _account(user)
+    environ, home = _environment(entry, env)
     for name, value in (extra_env or {}).items():
         environ.setdefault(name, value)  # the config's env wins
-    try:
-        return subprocess.Popen(
-            list(argv),
-            stdin=stdin,
-            stdout=output,
-            stderr=subprocess.STDOUT if output == subprocess.PIPE else output,
-            env=environ,
-            cwd=cwd or (home if os.path.isdir(home) else "/"),
-            user=user,
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        raise CommandFailed(f"{argv[0]}: cannot run: {exc.strerror or exc}") from None
+    workdir = cwd or (home if os.path.isdir(home) else "/")
+    _check_program(argv[0], environ.get("PATH", os.defpath), workdir)
+    identity = None
+    if entry is not None:
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        identity = (entry.pw_uid, entry.pw_gid, groups)
+    return start(argv, environ, workdir, output, keep_stdin, identity, jails)
 
 
 def run(
@@ -144,21 +140,23 @@ def run(
 ) -> Outcome:
     """Run a command to completion by ``deadline``; its output (stdout and stderr) is returned.
 
-    On timeout the whole process group is killed and ActionTimeout raised.
+    On timeout it is killed with everything it started and ActionTimeout raised; what it leaves
+    running when it exits is killed too.
     """
-    process = spawn(argv, user, env, cwd, subprocess.DEVNULL, subprocess.PIPE)
-    assert process.stdout is not None
+    child = spawn(argv, user, env, cwd, subprocess.PIPE)
+    stdout = child.process.stdout
+    assert stdout is not None
     lines = Lines()
-    fd = process.stdout.fileno()
+    fd = stdout.fileno()
     os.set_blocking(fd, False)
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                kill_group(process)
+                child.end()
                 output = lines.finish()
                 raise ActionTimeout(
-                    f"{argv[0]}: still running at its deadline; killed with its process group"
+                    f"{argv[0]}: still running at its deadline; killed with all it started"
                     + (f" (last output: {output[-1]})" if output else "")
                 )
             ready, _, _ = select.select([fd], [], [], remaining)
@@ -171,21 +169,14 @@ def run(
             if not data:
                 break
             lines.feed(data)
-        try:
-            returncode = process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill_group(process)
-            raise ActionTimeout(
-                f"{argv[0]}: closed its output but did not exit by its deadline"
-            ) from None
-        # Whatever it left behind in its group must not outlive it.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        status = child.wait(deadline)
+        if status is None:
+            child.end()
+            raise ActionTimeout(f"{argv[0]}: closed its output but did not exit by its deadline")
+        child.close()
     finally:
-        process.stdout.close()
-    return Outcome(status=exit_status(returncode), output=lines.finish())
+        stdout.close()
+    return Outcome(status=status, output=lines.finish())
 
 
 class HeldSession:
@@ -201,15 +192,13 @@ class HeldSession:
     ) -> None:
         master, slave = pty.openpty()
         try:
-            self._process = spawn(
-                argv, user, env, cwd, subprocess.PIPE, slave, extra_env={"TERM": "dumb"}
-            )
+            self._child = spawn(argv, user, env, cwd, slave, True, {"TERM": "dumb"})
         except CommandFailed:
             os.close(master)
             raise
         finally:
             os.close(slave)
-        self.pid = self._process.pid
+        self.pid = self._child.pid
         self._master = master
         self._lines = Lines()
         self._recent: deque[str] = deque(maxlen=20)
@@ -236,18 +225,19 @@ class HeldSession:
             if not data:
                 break
         self._eof.set()
-        returncode = self._process.wait()
+        status = self._child.wait(None)
         os.close(self._master)
-        if not self._expected_exit:
-            self._on_exit(exit_status(returncode))
+        if not self._expected_exit and status is not None:
+            self._on_exit(status)
 
     def send(self, text: str) -> None:
         if not text:
             return
-        assert self._process.stdin is not None
+        stdin = self._child.process.stdin
+        assert stdin is not None
         try:
-            self._process.stdin.write(text.encode())
-            self._process.stdin.flush()
+            stdin.write(text.encode())
+            stdin.flush()
         except (BrokenPipeError, OSError) as exc:
             raise CommandFailed(f"session stopped reading its input: {exc}") from None
 
@@ -278,39 +268,39 @@ class HeldSession:
 
     @property
     def running(self) -> bool:
-        return self._process.poll() is None
+        return self._child.status() is None
 
     @property
     def returncode(self) -> Optional[int]:
-        code = self._process.poll()
-        return None if code is None else exit_status(code)
+        return self._child.status()
 
     def finish(self, close_text: str, deadline: float) -> int:
-        """Send ``close_text``, end stdin, wait for the exit; kill the group if it lingers."""
+        """Send ``close_text``, end stdin, wait for the exit (killing all it started if it
+        lingers); what it leaves running is killed."""
         self._expected_exit = True
         if self.running:
             try:
                 self.send(close_text)
             except CommandFailed:
                 pass
-        if self._process.stdin is not None:
+        if self._child.process.stdin is not None:
             try:
-                self._process.stdin.close()
+                self._child.process.stdin.close()
             except OSError:
                 pass
-        try:
-            self._process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill_group(self._process)
+        status = self._child.wait(max(time.monotonic() + 0.1, deadline))
+        if status is None:
+            self._child.end()
             raise ActionTimeout(
-                "session did not exit after its close text; killed with its process group"
-            ) from None
+                "session did not exit after its close text; killed with all it started"
+            )
+        self._child.close()
         self._eof.wait(1.0)  # its last words, for the logs (bounded: a grandchild may hold the pty)
-        return exit_status(self._process.returncode)
+        return status
 
     def kill(self) -> None:
         self._expected_exit = True
-        kill_group(self._process)
+        self._child.end()
 
     def output(self) -> tuple[str, ...]:
         with self._new_line:

@@ -19,6 +19,7 @@ from typing import IO, Optional
 
 from . import commands
 from .actioncontext import ActionContext, StepReport, raise_all
+from .containment import KILL_GRACE, Child, Member
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .trust import legacy_problems
 
@@ -66,11 +67,11 @@ def legacy_scripts(directory: str) -> list[str]:
 
 # --- running one script as the stock chain does ---------------------------------------------------
 
-# After the thaw scripts, what a script left running gets this long to end by itself before its
-# process group is sent SIGTERM (and SIGKILL, commands.KILL_GRACE later).
+# After the thaw scripts, what a script left running gets this long to end by itself before it
+# is sent SIGTERM (and SIGKILL, KILL_GRACE later).
 LEFTOVER_GRACE = 3.0
 _POLL = 0.05  # how often a process is checked for where the kernel cannot say (no pidfd)
-_LAST_WORDS = 0.5  # once a group is gone, how long its last output may take to be read
+_LAST_WORDS = 0.5  # once its processes are gone, how long their last output may take to be read
 
 
 @dataclass(frozen=True)
@@ -87,25 +88,27 @@ def run_script(script: str, phase: str, deadline: float) -> ScriptRun:
     background process and exit: QEMU's own MySQL sample hook leaves a client holding
     ``FLUSH TABLES WITH READ LOCK`` until the thaw script writes a FIFO.  Such a process keeps the
     output pipe open, so the script is done when it exits, not at the end of its output.  What
-    it leaves running keeps running, as a Leftover.  A script still running at ``deadline`` is
-    killed with its process group (and what it started) and ActionTimeout is raised.
+    it leaves running (all that is left in its cgroup, setsid() or not) keeps running, as a
+    Leftover.  A script still running at ``deadline`` is killed with all it started and
+    ActionTimeout is raised.
     """
-    process = commands.spawn([script, phase], None, (), None, subprocess.DEVNULL, subprocess.PIPE)
-    assert process.stdout is not None
-    pipe = process.stdout.fileno()
+    child = commands.spawn([script, phase], None, (), None, subprocess.PIPE)
+    stdout = child.process.stdout
+    assert stdout is not None
+    pipe = stdout.fileno()
     os.set_blocking(pipe, False)
     lines = commands.Lines()
     pipe_open = True
-    exited = _exit_notifier(process.pid)
+    exited = _exit_notifier(child.pid)
     try:
-        while process.poll() is None:
+        while child.status() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                commands.kill_group(process)
-                process.stdout.close()
+                child.end()
+                stdout.close()
                 output = lines.finish()
                 raise ActionTimeout(
-                    "still running at its deadline; killed with its process group"
+                    "still running at its deadline; killed with all it started"
                     + (f" (last output: {output[-1]})" if output else "")
                 )
             watched = [pipe] if pipe_open else []
@@ -122,12 +125,14 @@ def run_script(script: str, phase: str, deadline: float) -> ScriptRun:
             os.close(exited)
     if pipe_open:
         pipe_open = _read_ready(pipe, lines)  # what it wrote just before it exited
-    status = commands.exit_status(process.returncode)
-    members = group_members(process.pid)
+    status = child.status()
+    assert status is not None
+    members = child.members()
     if not pipe_open and not members:
-        process.stdout.close()
+        stdout.close()
+        child.release()
         return ScriptRun(status, lines.finish(), None)
-    leftover = Leftover(script, phase, process.pid, process.stdout, members)
+    leftover = Leftover(script, phase, child, stdout, members)
     return ScriptRun(status, (*lines.finish(), leftover.describe()), leftover)
 
 
@@ -151,73 +156,48 @@ def _read_ready(fd: int, lines: commands.Lines) -> bool:
         lines.feed(data)
 
 
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, name) of the live processes of group ``pgid`` in the session of the same number:
-    what a script, started as a session leader, left behind once it was reaped.
-
-    The kernel keeps a group's number in use while any member is left.  If a process with that
-    pid exists again, the number was free and given to someone else, and so is its group: it
-    is not ours to signal.
-    """
-    if os.path.exists(f"/proc/{pgid}"):
-        return []
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat_line = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        name_end = stat_line.rfind(b")")
-        fields = stat_line[name_end + 2 :].split()  # state ppid pgrp session ...
-        if len(fields) < 4 or fields[0] == b"Z":  # a zombie holds nothing
-            continue
-        if int(fields[2]) == pgid and int(fields[3]) == pgid:
-            name = stat_line[stat_line.find(b"(") + 1 : name_end].decode("utf-8", "replace")
-            members.append((int(entry), name))
-    return members
-
-
-def _pids(members: list[tuple[int, str]]) -> str:
+def _pids(members: list[Member], jail: str) -> str:
     listed = ", ".join(f"pid {pid} ({name})" for pid, name in members)
-    return listed or "a process outside its process group, holding its output,"
+    return listed or f"a process outside its {jail}, holding its output,"
 
 
 class Leftover:
-    """What one script left running when it exited: the processes of its group and the read end
-    of its output, which a thread keeps draining so that none of them blocks on a full pipe.
+    """What one script left running when it exited: the processes left in its cgroup (its
+    process group where there are no cgroups) and the read end of its output, which a thread
+    keeps draining so that none of them blocks on a full pipe.
 
-    The group is numbered after the script, which led its own session.  A process that left
-    the group (setsid) is not tracked here.
+    Only the processes inside are ever signalled; the script's own pid is held (left unreaped)
+    until they are gone, so that a process group's number stays the script's.
     """
 
     def __init__(
-        self, script: str, phase: str, pgid: int, pipe: IO[bytes], members: list[tuple[int, str]]
+        self, script: str, phase: str, child: Child, pipe: IO[bytes], members: list[Member]
     ) -> None:
         self.script = script
         self.phase = phase
-        self.pgid = pgid
+        self.child = child
         self.first_members = members
         self._pipe = pipe
         self._lines = commands.Lines()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._drained = threading.Event()
-        threading.Thread(target=self._drain, name=f"legacy-{pgid}", daemon=True).start()
+        threading.Thread(target=self._drain, name=f"legacy-{child.pid}", daemon=True).start()
 
     def describe(self) -> str:
         return (
-            f"left running: {_pids(self.first_members)}, process group {self.pgid};"
-            " kept until the thaw scripts have run"
+            f"left running: {_pids(self.first_members, self.child.jail.kind)},"
+            f" {self.child.jail.describe()}; kept until the thaw scripts have run"
         )
+
+    def named(self) -> str:
+        return _pids(self.first_members, self.child.jail.kind)
 
     def _drain(self) -> None:
         fd = self._pipe.fileno()
         try:
             while not self._stop.is_set():
-                # Woken now and then to notice _stop: a writer outside the group may hold the
+                # Woken now and then to notice _stop: a writer outside the cgroup may hold the
                 # pipe for ever.
                 ready, _, _ = select.select([fd], [], [], _LAST_WORDS)
                 if ready:
@@ -228,19 +208,15 @@ class Leftover:
             self._pipe.close()
             self._drained.set()
 
-    def members(self) -> list[tuple[int, str]]:
-        return group_members(self.pgid)
+    def members(self) -> list[Member]:
+        return self.child.members()
 
     def signal(self, signum: int) -> None:
-        # Checked just before: a group that is gone may have left its number to another.
-        if self.members():
-            try:
-                os.killpg(self.pgid, signum)
-            except ProcessLookupError:
-                pass
+        self.child.signal(signum)
 
     def output(self) -> tuple[str, ...]:
         """Everything it wrote, once it is gone; stops reading from a pipe still held open."""
+        self.child.release()
         self._drained.wait(_LAST_WORDS)
         self._stop.set()
         self._drained.wait(_LAST_WORDS * 2)
@@ -250,8 +226,9 @@ class Leftover:
 
 def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_GRACE) -> list[str]:
     """End what the scripts left running: ``grace`` seconds to end by itself (bounded by
-    ``deadline``), then SIGTERM to its process group, then SIGKILL.  Returns, per leftover, a
-    line saying which script left which processes and how they ended, then their output."""
+    ``deadline``), then SIGTERM to every process left in its cgroup, then SIGKILL.  Returns, per
+    leftover, a line saying which script left which processes and how they ended, then their
+    output."""
     waited_until = min(time.monotonic() + grace, deadline)
     how = {id(left): "ended by itself" for left in leftovers}
     while any(left.members() for left in leftovers) and time.monotonic() < waited_until:
@@ -264,16 +241,14 @@ def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_G
                 f"still running {grace:g}s after the thaw scripts: ended with"
                 f" {signal.Signals(signum).name}"
             )
-        waited_until = time.monotonic() + commands.KILL_GRACE
+        waited_until = time.monotonic() + KILL_GRACE
         while any(left.members() for left in running) and time.monotonic() < waited_until:
             time.sleep(_POLL)
     lines = []
     for left in leftovers:
         if left.members():  # not even SIGKILL: stuck in the kernel (D state)
             how[id(left)] += ", but is still there"
-        lines.append(
-            f"{left.script} {left.phase} left {_pids(left.first_members)} running: " + how[id(left)]
-        )
+        lines.append(f"{left.script} {left.phase} left {left.named()} running: " + how[id(left)])
         lines.extend(left.output())
     return lines
 

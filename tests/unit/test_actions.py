@@ -14,7 +14,7 @@ from fakes import FakeSystemd, RecordingEvents
 from qgafreeze.actions import build_actions
 from qgafreeze.config import parse_config
 from qgafreeze.engine import FROZEN, THAWED, Engine
-from qgafreeze.legacy import LEFTOVER_GRACE, Leftover, legacy_scripts, settle
+from qgafreeze.legacy import LEFTOVER_GRACE, legacy_scripts
 from qgafreeze.planner import build_plan
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -41,6 +41,12 @@ def processes_with(marker: str) -> list[int]:
             if marker.encode() in cmdline:
                 found.append(int(pid))
     return found
+
+
+def timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
@@ -143,7 +149,7 @@ def test_step_that_hangs_is_killed_with_its_whole_process_group():
     )
     report = engine.freeze()
     assert report.apps[0].result == "timeout"
-    assert "killed with its process group" in report.apps[0].message
+    assert "killed with all it started" in report.apps[0].message
     assert wait_until(lambda: not processes_with(marker)), processes_with(marker)
 
 
@@ -415,16 +421,45 @@ def test_a_legacy_script_that_leaves_a_process_and_fails_still_fails_the_app(tmp
     assert engine.paused_apps == []
 
 
-def test_a_leftover_group_whose_number_was_reused_is_never_signalled():
-    # A process that leads its own session and group, as a new one would if the kernel gave a
-    # finished group's number to it: it is not what the script left, and must survive.
+def test_a_leftover_that_called_setsid_is_ended_after_the_thaw_scripts_and_a_grace(tmp_path):
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    marker = f"qgft-setsid-leftover-{os.getpid()}"
+    sleeper = f"/usr/bin/python3 -c 'import time; time.sleep(100)' {marker}"
+    # Its own session and process group, and not even the script's output: nothing but the
+    # script's cgroup ties it to the script.
+    write_script(
+        hooks, "10-escape", f'[ "$1" = freeze ] && (setsid {sleeper} >/dev/null 2>&1 &)\ntrue'
+    )
+    engine, _ = engine_for({}, legacy_hooks=str(hooks))
+    freeze = engine.freeze()
+    assert freeze.ok, freeze.error
+    assert wait_until(lambda: len(processes_with(marker)) == 1)
+    report, took = timed(engine.thaw)
+    assert (report.ok, processes_with(marker)) == (True, []), report.error
+    assert LEFTOVER_GRACE <= took < LEFTOVER_GRACE + 10
+    (ended,) = (line for line in report.apps[0].output if " freeze left pid" in line)
+    assert ended.endswith("ended with SIGTERM"), ended
+
+
+def test_ending_what_scripts_and_steps_left_never_signals_a_process_outside_them(tmp_path):
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    write_script(hooks, "10-leave", '[ "$1" = freeze ] && /bin/sleep 100 &\ntrue')
+    # Started as a script's leftover would be, in a session and group of its own, but by us.
     stranger = subprocess.Popen(["/bin/sleep", "100"], start_new_session=True)
-    read_end, write_end = os.pipe()
-    os.close(write_end)
     try:
-        leftover = Leftover("/hooks/10-x", "freeze", stranger.pid, os.fdopen(read_end, "rb"), [])
-        assert leftover.members() == []
-        assert settle([leftover], time.monotonic() + 1, grace=0.1)[0].endswith("ended by itself")
+        engine, _ = engine_for(
+            {
+                "a": {
+                    "freeze": [
+                        {"shell": "/bin/sleep 100 & exec /bin/sleep 100", "timeout": "200ms"}
+                    ]
+                }
+            },
+            legacy_hooks=str(hooks),
+        )
+        assert not engine.freeze().ok  # the step timed out: the script's leftover is ended too
         assert stranger.poll() is None
     finally:
         stranger.kill()
