@@ -28,6 +28,7 @@ from typing import Callable, Optional
 from .containment import Child, Jail, new_jail, start
 from .errors import ActionTimeout, CommandFailed
 from .paths import SAFE_PATH
+from .sessioninput import SessionInput
 
 OUTPUT_LINES = 200  # kept per command for the logs; the rest is counted, not stored
 LINE_LIMIT = 2000
@@ -180,7 +181,11 @@ def run(
 
 
 class HeldSession:
-    """A process kept running from freeze to thaw, fed through stdin, read through a pty."""
+    """A process kept running from freeze to thaw, fed through stdin, read through a pty.
+
+    What it is sent is written by a thread of its own (``SessionInput``): a session that stops
+    reading fails its app at the caller's deadline instead of blocking it for ever.
+    """
 
     def __init__(
         self,
@@ -207,6 +212,9 @@ class HeldSession:
         self._eof = threading.Event()  # the drain thread has read everything the session wrote
         self._on_exit = on_exit
         self._expected_exit = False
+        stdin = self._child.process.stdin
+        assert stdin is not None
+        self._input = SessionInput(stdin, lambda: not self.running, f"session-in-{self.pid}")
         threading.Thread(target=self._drain, name=f"session-{self.pid}", daemon=True).start()
 
     def _drain(self) -> None:
@@ -230,16 +238,10 @@ class HeldSession:
         if not self._expected_exit and status is not None:
             self._on_exit(status)
 
-    def send(self, text: str) -> None:
-        if not text:
-            return
-        stdin = self._child.process.stdin
-        assert stdin is not None
-        try:
-            stdin.write(text.encode())
-            stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise CommandFailed(f"session stopped reading its input: {exc}") from None
+    def send(self, text: str, deadline: Optional[float] = None) -> None:
+        """Queue ``text`` for its stdin; with ``deadline``, wait until it has been read (see
+        ``SessionInput.send``); without, ``wait_for``'s deadline bounds it."""
+        self._input.send(text, deadline)
 
     def wait_for(self, pattern: str, deadline: float) -> None:
         """Return once an output line matches ``pattern``; the session keeps running."""
@@ -259,7 +261,8 @@ class HeldSession:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ActionTimeout(
-                        f"session not ready by its deadline: {self.tail() or 'no output'}"
+                        f"session not ready by its deadline{self._input.unread()}:"
+                        f" {self.tail() or 'no output'}"
                     )
                 self._new_line.wait(remaining)
 
@@ -283,16 +286,13 @@ class HeldSession:
                 self.send(close_text)
             except CommandFailed:
                 pass
-        if self._child.process.stdin is not None:
-            try:
-                self._child.process.stdin.close()
-            except OSError:
-                pass
+        self._input.close()
         status = self._child.wait(max(time.monotonic() + 0.1, deadline))
         if status is None:
             self._child.end()
             raise ActionTimeout(
-                "session did not exit after its close text; killed with all it started"
+                f"session did not exit after its close text{self._input.unread()};"
+                " killed with all it started"
             )
         self._child.close()
         self._eof.wait(1.0)  # its last words, for the logs (bounded: a grandchild may hold the pty)
@@ -301,6 +301,7 @@ class HeldSession:
     def kill(self) -> None:
         self._expected_exit = True
         self._child.end()
+        self._input.close()
 
     def output(self) -> tuple[str, ...]:
         with self._new_line:

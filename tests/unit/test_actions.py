@@ -4,6 +4,7 @@ the in-memory table (the container tier runs them against the real one)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -223,6 +224,25 @@ def test_session_that_never_gets_ready_times_out_and_is_killed():
     assert report.apps[0].result == "timeout"
     assert not report.ok
     assert wait_until(lambda: not processes_with(marker))
+
+
+def test_a_session_that_never_reads_its_open_text_fails_the_freeze_at_its_timeout():
+    marker = f"qgft-deaf-session-{os.getpid()}"
+    deaf = {"argv": ["/usr/bin/python3", "-c", "import time; time.sleep(100)", marker]}
+    # Far more than a pipe holds: writing it all would block until the session reads it.
+    deaf.update(open="x" * (1 << 20), ready="never")
+    engine, _ = engine_for({"db": {"timeout": "1s", "session": deaf}})
+    started = time.monotonic()
+    report = engine.freeze()
+    took = time.monotonic() - started
+    assert report.apps[0].result == "timeout"
+    assert re.search(
+        r"its input was not read \(\d+ of the 1048577 bytes sent were taken\)",
+        report.apps[0].message,
+    ), report.apps[0].message
+    assert took < 2, f"the freeze took {took:.1f} s"
+    assert wait_until(lambda: not processes_with(marker))
+    assert engine.state == THAWED and engine.paused_apps == []
 
 
 def test_session_that_dies_while_frozen_is_logged_and_reported_by_the_thaw():

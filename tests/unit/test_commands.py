@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from qgafreeze.containment import ProcessGroup, own_cgroup
 from qgafreeze.errors import ActionTimeout, CommandFailed
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+MIB = 1 << 20
 # What a child says about itself: ids (real, effective, saved, fs), groups, OOM score, cgroup.
 WHO = (
     "grep -E '^(Uid|Gid|Groups):' /proc/self/status; echo oom $(cat /proc/self/oom_score_adj);"
@@ -174,3 +176,32 @@ def test_without_cgroups_a_leader_is_held_unreaped_so_its_group_number_stays_its
     child.close()
     assert wait_until(lambda: not processes_with(marker))
     assert not os.path.exists(f"/proc/{child.pid}")  # reaped once its group was ended
+
+
+# -- feeding a held session ---------------------------------------------------------------------
+
+
+def test_sending_to_a_session_that_never_reads_fails_at_the_callers_deadline():
+    marker = f"qgft-deaf-{os.getpid()}"
+    held = commands.HeldSession(["/bin/sh", "-c", f"exec {sleeper(marker)}"], None, (), None, print)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ActionTimeout, match="did not read its input by its deadline"):
+            held.send("x" * MIB, started + 0.5)
+        assert time.monotonic() - started < 2
+    finally:
+        held.kill()
+    assert wait_until(lambda: not processes_with(marker))
+    writers = [t.name for t in threading.enumerate() if t.name == f"session-in-{held.pid}"]
+    assert wait_until(
+        lambda: not any(t.name == f"session-in-{held.pid}" for t in threading.enumerate())
+    ), writers
+
+
+def test_what_a_session_is_sent_reaches_it_whole_when_it_reads():
+    held = commands.HeldSession(
+        ["/bin/sh", "-c", "wc -c | sed 's/^ */got /'; echo ready"], None, (), None, print
+    )
+    held.send("y" * MIB + "\n", time.monotonic() + 10)
+    assert held.finish("", time.monotonic() + 10) == 0
+    assert f"got {MIB + 1}" in held.output()
