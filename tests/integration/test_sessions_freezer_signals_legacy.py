@@ -302,3 +302,79 @@ def test_legacy_script_leaving_a_locking_client_behind_freezes_at_once_and_thaws
         assert "left running: pid " in log
         assert re.search(rf"^  \| {script} freeze left .* ended by itself$", log, re.M), log
         c.run(["truncate", "-s0", HOOK_LOG])
+
+
+# What a command reports about itself, into the file OUT: ids (real, effective, saved, fs),
+# groups, OOM score, cgroup; and whether it could make a setgid file.
+WHO = (
+    "(grep -E '^(Uid|Gid|Groups):' /proc/self/status; printf 'oom '; cat /proc/self/oom_score_adj;"
+    " sed -n 's/^0::/cgroup /p' /proc/self/cgroup; touch OUT.sgid;"
+    " chmod g+s OUT.sgid && echo sgid made || echo sgid refused) >OUT 2>&1"
+)
+
+
+def reported(container: Container, out: str) -> dict[str, str]:
+    text = container.run(["cat", out]).stdout
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in text.splitlines()}
+
+
+def test_a_user_step_is_that_user_only_in_a_cgroup_of_its_own_and_makes_no_setgid_file(installed):
+    c = installed
+    c.run("rm -f /tmp/qgft-who /tmp/qgft-who.sgid /run/qgft-root /run/qgft-root.sgid")
+    configure(
+        c,
+        "version: 1\napps:\n  who:\n    freeze:\n"
+        f"      - {{shell: \"{WHO.replace('OUT', '/tmp/qgft-who')}\", user: nobody}}\n"
+        f"      - {{shell: \"{WHO.replace('OUT', '/run/qgft-root')}\"}}\n",
+    )
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert hook(c, "thaw")[0] == 0
+    nobody = reported(c, "/tmp/qgft-who")
+    gid = c.run(["id", "-g", "nobody"]).stdout.strip()
+    groups = sorted(c.run(["id", "-G", "nobody"]).stdout.split(), key=int)
+    assert nobody["Uid:"].split() == ["65534"] * 4
+    assert nobody["Gid:"].split() == [gid] * 4
+    assert sorted(nobody["Groups:"].split(), key=int) == groups
+    assert nobody["oom"] == "0"
+    assert re.fullmatch(r"/system.slice/qgafreeze.service/qgafreeze-\d+-\d+", nobody["cgroup"])
+    assert nobody["sgid"] == "refused"  # RestrictSUIDSGID=yes
+    root = reported(c, "/run/qgft-root")
+    assert root["sgid"] == "refused"  # as root too
+    assert root["cgroup"] != nobody["cgroup"]
+    # The cgroups went with their commands.
+    assert (
+        c.run(
+            "ls /sys/fs/cgroup/system.slice/qgafreeze.service | grep -c qgafreeze-", check=False
+        ).stdout.strip()
+        == "0"
+    )
+
+
+def test_what_a_step_or_a_legacy_script_starts_with_setsid_is_ended_with_it(installed, legacy_dir):
+    c = installed
+    c.run(["rm", "-f", f"{legacy_dir}/10-first.sh", f"{legacy_dir}/20-second.sh"])
+    escape = "(setsid /bin/sleep {n} </dev/null >/dev/null 2>&1 &)"
+    c.write_file(
+        f"{legacy_dir}/10-escape",
+        f'#!/bin/sh\n[ "$1" = freeze ] && {escape.format(n=4243)}\ntrue\n',
+        mode=0o755,
+    )
+    configure(
+        c,
+        f"version: 1\nsettings: {{legacy_hooks: {legacy_dir}}}\napps:\n  step:\n"
+        f'    freeze: [{{shell: "{escape.format(n=4242)}; exit 0"}}]\n',
+    )
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    assert c.run(["pgrep", "-f", "sleep 4242"], check=False).returncode == 1  # ended with its step
+    assert c.run(["pgrep", "-f", "sleep 4243"]).returncode == 0  # kept, as the stock chain would
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert c.run(["pgrep", "-f", "sleep 4243"], check=False).returncode == 1
+    log = hook_log(c)
+    assert re.search(
+        rf"{legacy_dir}/10-escape freeze left pid \d+ \(\w+\) running: .* ended with SIGTERM$",
+        log,
+        re.M,
+    ), log
