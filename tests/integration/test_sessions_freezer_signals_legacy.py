@@ -313,6 +313,13 @@ WHO = (
 )
 
 
+def reconfigure(container: Container, yaml: str) -> None:
+    # configure() restarts the daemon; quick tests in a row would use up systemd's start limit
+    # (5 starts in 10 s), which is not what these tests are about.
+    container.run(["systemctl", "reset-failed", "qgafreeze.service"])
+    configure(container, yaml)
+
+
 def reported(container: Container, out: str) -> dict[str, str]:
     text = container.run(["cat", out]).stdout
     return {line.split()[0]: " ".join(line.split()[1:]) for line in text.splitlines()}
@@ -321,7 +328,7 @@ def reported(container: Container, out: str) -> dict[str, str]:
 def test_a_user_step_is_that_user_only_in_a_cgroup_of_its_own_and_makes_no_setgid_file(installed):
     c = installed
     c.run("rm -f /tmp/qgft-who /tmp/qgft-who.sgid /run/qgft-root /run/qgft-root.sgid")
-    configure(
+    reconfigure(
         c,
         "version: 1\napps:\n  who:\n    freeze:\n"
         f"      - {{shell: \"{WHO.replace('OUT', '/tmp/qgft-who')}\", user: nobody}}\n"
@@ -360,7 +367,7 @@ def test_what_a_step_or_a_legacy_script_starts_with_setsid_is_ended_with_it(inst
         f'#!/bin/sh\n[ "$1" = freeze ] && {escape.format(n=4243)}\ntrue\n',
         mode=0o755,
     )
-    configure(
+    reconfigure(
         c,
         f"version: 1\nsettings: {{legacy_hooks: {legacy_dir}}}\napps:\n  step:\n"
         f'    freeze: [{{shell: "{escape.format(n=4242)}; exit 0"}}]\n',
