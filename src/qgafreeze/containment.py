@@ -39,6 +39,7 @@ _GATE = 'read -r _ || exit 125; exec "$@"'
 _GATE_TO_NULL = _GATE + " </dev/null"  # steps and scripts: stdin is /dev/null, as before
 _NAMES = itertools.count(1)  # cgroups of this daemon: qgafreeze-<daemon pid>-<n>
 _EMPTY_WAIT = 0.5  # after SIGKILL, how long release() waits for the cgroup to empty
+_KILL_ROUNDS = 100  # without cgroup.kill: SIGKILL rounds against a fork bomb, at the most
 
 
 class Jail(Protocol):
@@ -299,8 +300,15 @@ class Cgroup:
                 return  # Linux 5.14+: every process at once, forks included
             except OSError:
                 pass
-        for pid in self._pids():
-            self._signal_member(pid, signum)
+        signalled: set[int] = set()
+        # Again while new ones appear: a process may fork between the reading and its signal.
+        for _ in range(_KILL_ROUNDS if signum == signal.SIGKILL else 1):
+            pids = set(self._pids()) - signalled
+            if not pids:
+                return
+            for pid in pids:
+                self._signal_member(pid, signum)
+            signalled |= pids
 
     def _signal_member(self, pid: int, signum: int) -> None:
         # The pidfd pins the process that has this number now.  Its cgroup is read after that:
