@@ -160,7 +160,9 @@ class Child:
 
     def status(self) -> Optional[int]:
         """The leader's exit status once it has exited (without reaping it), else None."""
-        if self._status is None:
+        if self._status is None and self.process.returncode is not None:
+            self._status = exit_status(self.process.returncode)  # reaped: the pid is not ours
+        elif self._status is None:
             try:
                 info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:  # reaped by release() meanwhile
@@ -168,8 +170,6 @@ class Child:
             if info is not None:
                 killed = info.si_code != os.CLD_EXITED
                 self._status = 128 + info.si_status if killed else info.si_status
-            elif self.process.returncode is not None:
-                self._status = exit_status(self.process.returncode)
         return self._status
 
     def wait(self, deadline: Optional[float]) -> Optional[int]:
