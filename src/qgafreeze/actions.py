@@ -226,7 +226,7 @@ class SessionAction:
         ctx.checkpoint()
         self._held = held
         try:
-            held.send(self._session.open)
+            held.send(self._session.open, ctx.deadline)
             held.wait_for(self._session.ready, ctx.deadline)
         except QgafreezeError:
             ctx.output.extend(held.output())

@@ -411,6 +411,10 @@ def test_what_a_legacy_script_left_running_is_ended_after_the_thaw_scripts_and_a
     write_script(hooks, "20-stubborn", f"[ \"$1\" = freeze ] && (trap '' TERM; {sleeper}) &\ntrue")
     engine, events = engine_for({}, legacy_hooks=str(hooks))
     assert engine.freeze().ok
+    # The scripts have exited; what they backgrounded may not have exec'd the sleeper yet.
+    deadline = time.monotonic() + 10
+    while len(processes_with(marker)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(processes_with(marker)) == 2
     started = time.monotonic()
     report = engine.thaw()
