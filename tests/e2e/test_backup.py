@@ -208,12 +208,19 @@ def test_freeze_of_zero_filesystems_skips_the_thaw_hook_and_apps_still_come_back
 def test_qemu_ga_restarted_while_frozen_still_thaws_and_every_app_comes_back(mariadb_guest):
     vm = mariadb_guest
     # Nothing can be run in the guest while it is frozen (qemu-ga refuses guest-exec), so the
-    # restart is armed before: kill the agent 3 s into the frozen window and start a new one.
+    # restart is armed before.  It must strike after the freeze was answered, however long the
+    # hook took (a fixed 3 s once killed the agent mid-freeze on a loaded host): once qemu-ga's
+    # frozen flag exists and the agent is back asleep waiting for commands (state S three
+    # times in a row; it is running or in D while it freezes), kill it and start a new one.
     run_in_background(
         vm,
         "qgf-agent-restart",
-        "sleep 3; systemctl kill -s KILL qemu-guest-agent.service; sleep 1;"
-        " systemctl start qemu-guest-agent.service",
+        "until [ -e /run/qga.state.isfrozen ]; do sleep 0.2; done\n"
+        "pid=$(systemctl show -P MainPID qemu-guest-agent.service); n=0\n"
+        'while [ $n -lt 3 ]; do [ "$(cut -d" " -f3 /proc/$pid/stat)" = S ] && n=$((n+1)) || n=0;'
+        " sleep 0.3; done\n"
+        "systemctl kill -s KILL qemu-guest-agent.service; sleep 1\n"
+        "systemctl start qemu-guest-agent.service",
     )
     assert vm.qga.fsfreeze_freeze() >= 1
     time.sleep(8)
