@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 from guest import backup, configure, install, run_in_background, sh, wait_for
@@ -18,36 +19,8 @@ FIFO = "/run/qgf-legacy-lock.fifo"
 WRITES = "/run/qgf-legacy-writes.log"  # /run is tmpfs: writable while the disks are frozen
 AGENT_FROZEN_FLAG = "/run/qga.state.isfrozen"  # qemu-ga's, on Debian
 
-# Written for this test, in the pattern of QEMU's sample: the freeze starts a background client,
-# fed the lock request and then whatever the FIFO gives, and exits once the lock holds (a named
-# lock taken after it in the same session says so); the client keeps the script's output open.
-LOCK_SCRIPT = f"""#!/bin/sh
-fifo={FIFO}
-case "$1" in
-freeze)
-    mkfifo -m 0600 "$fifo" || exit 1
-    feed() {{
-        echo "FLUSH TABLES WITH READ LOCK;"
-        echo "SELECT GET_LOCK('qgf-legacy', 0);"
-        read -r _ < "$fifo"
-        echo "UNLOCK TABLES;"
-        rm -f "$fifo"
-    }}
-    feed | mariadb --batch --skip-column-names &
-    tries=0
-    until [ "$(mariadb -N -e "SELECT IS_USED_LOCK('qgf-legacy') IS NOT NULL")" = 1 ]; do
-        tries=$((tries + 1))
-        [ "$tries" -gt 600 ] && exit 2
-        sleep 0.1
-    done
-    echo "global read lock held"
-    ;;
-thaw)
-    [ -p "$fifo" ] || exit 1
-    echo unlock > "$fifo"
-    ;;
-esac
-"""
+# The same script as the container tier's (its header says what it does).
+LOCK_SCRIPT = (Path(__file__).resolve().parents[1] / "data" / "mariadb-fifo-lock.sh").read_text()
 
 # TCG runs the guest about 15 times slower than the host: generous, bounded deadlines.
 LEGACY_CONFIG = f"""version: 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from container import Container
@@ -233,38 +234,11 @@ def test_failing_legacy_script_fails_the_freeze_through_the_hook(installed, lega
     ]
 
 
-# A legacy script in the pattern of QEMU's MySQL sample hook, written for these tests: the freeze
-# starts a background client holding the global read lock, fed through a FIFO, and exits once the
-# lock holds; the client keeps running and keeps the script's output open.  The thaw writes the
-# FIFO: the client unlocks and exits, and the FIFO goes with it.
-LOCK_FIFO = "/run/qgft-legacy-lock.fifo"
-FIFO_LOCK_SCRIPT = f"""#!/bin/sh
-fifo={LOCK_FIFO}
-case "$1" in
-freeze)
-    mkfifo -m 0600 "$fifo" || exit 1
-    feed() {{
-        echo "FLUSH TABLES WITH READ LOCK;"
-        echo "SELECT GET_LOCK('qgft-legacy', 0);"
-        read -r _ < "$fifo"
-        echo "UNLOCK TABLES;"
-        rm -f "$fifo"
-    }}
-    feed | mariadb --batch --skip-column-names &
-    tries=0
-    until [ "$(mariadb -N -e "SELECT IS_USED_LOCK('qgft-legacy') IS NOT NULL")" = 1 ]; do
-        tries=$((tries + 1))
-        [ "$tries" -gt 200 ] && exit 2
-        sleep 0.1
-    done
-    echo "global read lock held"
-    ;;
-thaw)
-    [ -p "$fifo" ] || exit 1
-    echo unlock > "$fifo"
-    ;;
-esac
-"""
+# The same script as the VM tier's (its header says what it does).
+LOCK_FIFO = "/run/qgf-legacy-lock.fifo"
+FIFO_LOCK_SCRIPT = (
+    Path(__file__).resolve().parents[1] / "data" / "mariadb-fifo-lock.sh"
+).read_text()
 
 
 def test_legacy_script_leaving_a_locking_client_behind_freezes_at_once_and_thaws(
