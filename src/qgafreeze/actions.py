@@ -243,9 +243,10 @@ class SessionAction:
             return
         held = self._held
         if held is None:
+            pid = undo[0]  # the message names it, and the clear empties the list
             undo.clear()
             raise CommandFailed(
-                f"the session (pid {undo[0]}) is no longer ours: was the daemon restarted?"
+                f"the session (pid {pid}) is no longer ours: was the daemon restarted?"
             )
         started = time.time()
         died = held.returncode

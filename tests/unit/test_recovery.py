@@ -169,3 +169,23 @@ def test_an_error_around_an_action_fails_that_app_at_once_and_rolls_back(tmp_pat
     assert [o.result for o in reports[0].rollback] == ["ok"]
     assert systemd.active == {"db.service": "active"}
     assert "db: internal error" in events.problems
+
+
+def test_a_session_held_by_the_previous_daemon_is_reported_gone_on_thaw(tmp_path):
+    # The pipes to that session died with the daemon: nothing is left to close it through.
+    state = StateFile(str(tmp_path / "state.json"))
+    state.save({"state": FROZEN, "cycle": "c1", "paused": {"db": {"session": [1234]}}})
+    session = {"argv": ["/bin/cat"], "ready": "ready"}
+    config = parse_config({"apps": {"db": {"session": session}}})
+    engine = Engine(
+        config,
+        build_plan(config),
+        build_actions(config.apps, FakeSystemd({})),
+        RecordingEvents(),
+        state_file=state,
+    )
+    assert engine.recover(state.load() or {}) == ["db"]
+    report = engine.thaw()
+    assert not report.ok
+    assert "the session (pid 1234) is no longer ours" in report.apps[0].message
+    assert engine.paused_apps == []
