@@ -64,7 +64,8 @@ class AgentFlagWatch:
                     self._fd, os.fsencode(self._directory), _IN_DELETE | _IN_MOVED_FROM
                 )
                 if wd < 0:
-                    raise OSError(ctypes.get_errno(), f"cannot watch {self._directory}")
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"cannot watch {self._directory}: {os.strerror(err)}")
                 self._wd = wd
             self._cancel.set()  # a grace timer of an earlier cycle must not fire now
             self._cancel = threading.Event()

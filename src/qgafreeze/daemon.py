@@ -103,9 +103,20 @@ class Daemon:
             self._watch = None
         if path is None:
             return
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            self._log.daemon_event(
+                f"settings.agent_state_file: {directory} does not exist: until it does, a freeze"
+                " of zero filesystems goes unnoticed (is qemu-ga's state directory elsewhere?)",
+                PRIORITY_WARNING,
+            )
         # One inotify instance and reader thread for the daemon's life, re-pointed on reload.
         if self._watcher is None:
-            self._watcher = AgentFlagWatch(path, self.agent_left_frozen_state)
+            try:
+                self._watcher = AgentFlagWatch(path, self.agent_left_frozen_state)
+            except OSError as exc:  # out of inotify instances: a safety net less, not a failure
+                self._log.problem(f"qemu-ga's frozen flag is not watched: {exc.strerror or exc}")
+                return
         self._watcher.retarget(path)
         self._watch = self._watcher
 
@@ -145,13 +156,23 @@ class Daemon:
             report = engine.freeze() if op == "freeze" else engine.thaw()
         finally:
             notify(f"STATUS={self._status_line()}")
-        if self._watch is not None:
+        watch = self._watch  # read once: a reload may drop it meanwhile
+        if watch is not None:
             # Armed before the reply goes out, so qemu-ga cannot create and remove its flag
-            # file before we watch it.
-            if report.state == FROZEN:
-                self._watch.arm(report.cycle)
-            else:
-                self._watch.disarm()
+            # file before we watch it.  Only a safety net: a watch that cannot be set must not
+            # fail the freeze, after which qemu-ga would run no thaw hook at all.
+            try:
+                if report.state == FROZEN:
+                    watch.arm(report.cycle)
+                else:
+                    watch.disarm()
+            except OSError as exc:
+                self._log.problem(
+                    f"qemu-ga's frozen flag is not watched ({exc.strerror or exc}): a freeze of"
+                    " zero filesystems will not be noticed; the thaw hook or the watchdog"
+                    " resumes the apps",
+                    report.cycle,
+                )
         if op == "freeze":
             self._log.flush(FLUSH_BEFORE_FREEZE)
         return report_reply(report)
