@@ -15,6 +15,7 @@ from fakes import FakeSystemd, RecordingEvents
 from qgafreeze.actions import build_actions
 from qgafreeze.config import parse_config
 from qgafreeze.engine import FROZEN, THAWED, Engine
+from qgafreeze.errors import StateError
 from qgafreeze.legacy import LEFTOVER_GRACE, legacy_scripts
 from qgafreeze.planner import build_plan
 
@@ -488,3 +489,32 @@ def test_ending_what_scripts_and_steps_left_never_signals_a_process_outside_them
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# -- rollback and the trust check at thaw --------------------------------------------------------
+
+
+@needs_root
+def test_a_thaw_step_refused_by_the_trust_check_keeps_the_app_paused_until_it_is_fixed(tmp_path):
+    program = tmp_path / "resume"
+    program.write_text(f"#!/bin/sh\necho resumed >> {tmp_path}/resumed\n")
+    program.chmod(0o755)
+    engine, _ = engine_for(
+        {"a": {"freeze": [{"exec": ["/bin/true"]}], "thaw": [{"exec": [str(program)]}]}}
+    )
+    assert engine.freeze().ok
+    program.chmod(0o757)  # while frozen, anyone could have put their code in it
+    refused = engine.thaw()
+    assert not refused.ok
+    assert "refused: " in refused.apps[0].message, refused.apps[0].message
+    assert "writable by everyone" in refused.apps[0].message
+    assert not (tmp_path / "resumed").exists()
+    assert engine.paused_apps == ["a"]
+    with pytest.raises(StateError, match="apps still paused by an earlier cycle: a"):
+        engine.freeze()
+    # The way out: make the file root's alone again, and thaw again.
+    program.chmod(0o755)
+    thawed = engine.thaw()
+    assert thawed.ok, thawed.error
+    assert engine.paused_apps == []
+    assert (tmp_path / "resumed").read_text() == "resumed\n"
