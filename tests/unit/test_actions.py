@@ -518,3 +518,31 @@ def test_a_thaw_step_refused_by_the_trust_check_keeps_the_app_paused_until_it_is
     assert thawed.ok, thawed.error
     assert engine.paused_apps == []
     assert (tmp_path / "resumed").read_text() == "resumed\n"
+
+
+def test_a_rollback_closes_a_session_held_by_an_app_quiesced_before_the_failure(tmp_path):
+    out = tmp_path / "received"
+    marker = f"qgft-rolled-back-session-{os.getpid()}"
+    holder = f'echo ready; while read -r line; do echo "$line" >> {out}; done'
+    engine, _ = engine_for(
+        {
+            # a depends on b: a is quiesced first, and is held when b fails.
+            "a": {
+                "depends_on": ["b"],
+                "session": {
+                    "argv": ["/bin/sh", "-c", holder, marker],
+                    "ready": "^ready$",
+                    "close": "unlock",
+                },
+            },
+            "b": {"freeze": [{"shell": "exit 4"}], "on_failure": "abort"},
+        }
+    )
+    report = engine.freeze()
+    assert not report.ok
+    assert [(o.app, o.result) for o in report.apps] == [("a", "ok"), ("b", "failed")]
+    # b too: its freeze steps had started, and their thaw steps (none here) undo them.
+    assert [(o.app, o.result) for o in report.rollback] == [("b", "ok"), ("a", "ok")]
+    assert out.read_text() == "unlock\n"
+    assert wait_until(lambda: not processes_with(marker)), processes_with(marker)
+    assert engine.state == THAWED and engine.paused_apps == []
