@@ -15,7 +15,15 @@ import sys
 import time
 
 from . import paths, protocol
-from .errors import EXIT_OK, EXIT_USAGE, ProtocolError, QgafreezeError, Unreachable, exit_status
+from .errors import (
+    EXIT_OK,
+    EXIT_USAGE,
+    Forbidden,
+    ProtocolError,
+    QgafreezeError,
+    Unreachable,
+    exit_status,
+)
 
 # The shim runs once per freeze and thaw, and importing typing costs it milliseconds (a tenth of
 # its start-up); the names are for type checkers only.
@@ -39,12 +47,19 @@ def request(
     on_accepted: Callable[[dict[str, Any]], None] | None = None,
     margin: float = REPLY_MARGIN,
 ) -> dict[str, Any]:
-    """Send one request and return the daemon's final reply.  Raises Unreachable, ProtocolError."""
+    """Send one request and return the daemon's final reply.  Raises Unreachable, Forbidden,
+    ProtocolError."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(path)
+        except PermissionError as exc:  # EACCES, EPERM: the socket is there, not for us
+            raise Forbidden(
+                f"cannot connect to the qgafreeze daemon at {path}: {exc.strerror}: only root"
+                " may, and the members of settings.allowed_group once the socket unit lets"
+                " that group in (see README.md)"
+            ) from None
         except OSError as exc:
             raise Unreachable(
                 f"cannot reach the qgafreeze daemon at {path}: {exc.strerror or exc}"
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     op = args[0]
     try:
         reply = request(op, socket_path())
-    except QgafreezeError as exc:  # Unreachable, ProtocolError
+    except QgafreezeError as exc:  # Unreachable, Forbidden, ProtocolError
         print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
         return exc.exit_code
     summarize(reply, sys.stdout)

@@ -439,5 +439,6 @@ def test_non_root_cannot_reach_the_socket(installed):
     result = installed.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", HOOK, "ping"], check=False
     )
-    assert result.returncode == 3
+    assert result.returncode == 4, result.stdout  # forbidden, as README and qgafreeze(8) say
     assert "Permission denied" in result.stdout
+    assert "FAILED [forbidden]" in result.stdout

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from qgafreeze import errors, protocol, shim
-from qgafreeze.errors import ProtocolError, Unreachable
+from qgafreeze.errors import Forbidden, ProtocolError, Unreachable
 from qgafreeze.server import MAX_CLIENTS, Peer, Send, Server, bind_listener
 
 
@@ -201,8 +201,8 @@ def _connect_as_nobody(path: str) -> str:
     def child() -> str:
         try:
             return json.dumps(shim.request("ping", path))
-        except Unreachable as exc:
-            return "unreachable: " + exc.message
+        except (Unreachable, Forbidden) as exc:
+            return f"{exc.code}: {exc.message}"
 
     return str(_as_nobody(child, groups=()))
 
@@ -211,7 +211,11 @@ def _connect_as_nobody(path: str) -> str:
 def test_non_root_cannot_open_the_socket(served):
     path, _, _ = served
     os.chmod(os.path.dirname(path), 0o755)  # let it reach the socket file itself
-    assert "Permission denied" in _connect_as_nobody(path)
+    seen = _connect_as_nobody(path)
+    assert "Permission denied" in seen
+    assert seen.startswith("forbidden: "), seen  # exit 4, as README and qgafreeze(8) promise
+    assert "only root" in seen
+    assert errors.exit_status(seen.split(":", 1)[0]) == errors.EXIT_FORBIDDEN
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
