@@ -120,7 +120,7 @@ _INTERPRETERS = (
 _PREFIXES = frozenset(
     "! { } if then else elif fi do done while until time esac exec command builtin".split()
 )
-_NOT_A_COMMAND = frozenset({"for", "case", "select", "function", "[", "[["})
+_NOT_A_COMMAND = frozenset({"for", "case", "select", "function", "[", "[[", ":"})
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _EXPANDS = set("$`*?[~")
 
@@ -285,7 +285,7 @@ class _Checker:
                     self.shell(key, inner, depth + 1)
                 assigned = _ASSIGNMENT.match(word)
                 name = assigned.group()[:-1] if assigned else ""
-                if name in _LOADED_FROM:
+                if name in _LOADED_FROM and words[0] != ":":  # (a here-document's body)
                     why = f"{name} is set in the shell text, where the check cannot follow it"
                     self.refuse(key, why + "; set it with env:")
                     return

@@ -253,6 +253,12 @@ def test_a_program_a_wrapper_runs_by_its_path_is_checked(tmp_path):
 # -- shell text -----------------------------------------------------------------------------------
 
 
+def running_a_tool_others_own(tmp_path: Path, text: str) -> tuple[str, str]:
+    """``text`` with TOOL replaced by a program in nobody's directory, and why it is refused."""
+    app = nobodys_directory(tmp_path)
+    return text.replace("TOOL", str(program(app / "flush"))), owned(app)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -272,13 +278,32 @@ def test_a_program_a_wrapper_runs_by_its_path_is_checked(tmp_path):
     ],
 )
 def test_every_program_shell_text_runs_is_checked(tmp_path, text):
-    app = nobodys_directory(tmp_path)
-    tool = program(app / "flush")
-    text = text.replace("TOOL", str(tool))
-    expected = [f"apps.a.freeze[0].shell: refused: {owned(app)}"]
-    assert refusals(tmp_path, freeze_steps({"shell": text})) == expected
+    text, why = running_a_tool_others_own(tmp_path, text)
+    assert refusals(tmp_path, freeze_steps({"shell": text})) == [
+        f"apps.a.freeze[0].shell: refused: {why}"
+    ]
     data = freeze_steps({"exec": ["/bin/sh", "-c", text]})
-    assert refusals(tmp_path, data) == [f"apps.a.freeze[0].exec[2]: refused: {owned(app)}"]
+    assert refusals(tmp_path, data) == [f"apps.a.freeze[0].exec[2]: refused: {why}"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'echo "<<EOF"\nTOOL',
+        "# see <<EOF\nTOOL",
+        "x=$((1<<2))\nTOOL",
+        "cat << 'E O'\nE O\nTOOL",
+        "cat <<-A <<B\n\tA\nB\nTOOL",
+        "cat <<EOF\n$(TOOL)\nEOF",
+    ],
+)
+def test_a_command_after_or_inside_a_here_document_is_checked(tmp_path, text):
+    # A here-document's body is data, up to its end word; a body the shell expands (end word not
+    # quoted) still runs what it substitutes.  What only looks like one must hide no line.
+    text, why = running_a_tool_others_own(tmp_path, text)
+    assert refusals(tmp_path, freeze_steps({"shell": text})) == [
+        f"apps.a.freeze[0].shell: refused: {why}"
+    ]
 
 
 def test_a_bare_name_in_shell_text_is_looked_up_in_the_path_in_force(tmp_path):
@@ -301,6 +326,10 @@ def test_a_bare_name_in_shell_text_is_looked_up_in_the_path_in_force(tmp_path):
         ("PATH=/srv/bin:$PATH flush", "PATH is set in the shell text, where the check cannot"),
         ("export LD_PRELOAD=/srv/x.so; true", "LD_PRELOAD is set in the shell text"),
         ("echo 'unclosed", "the shell text cannot be read as sh would (a quote is not closed)"),
+        (
+            "cat <<EOF\nbody\n/srv/app/flush",
+            "the shell text cannot be read as sh would (a here-document is not closed)",
+        ),
     ],
 )
 def test_shell_text_the_check_cannot_follow_is_refused(tmp_path, text, why):
@@ -316,8 +345,9 @@ def test_everyday_commands_and_shell_text_are_accepted(tmp_path):
         {"exec": ["sh", "-c", "exec sleep 0", "name", "$1"]},
         {"exec": ["python3", "-c", "print(1)"]},
         {"exec": ["/usr/bin/env", "LANG=C", "true"], "env": {"PATH": "/usr/bin:/bin"}},
+        {"shell": "cat <<EOF >/dev/null\nPATH=/usr/bin $((1 << 2))\nEOF\necho $(($$ % 2))"},
     )
-    assert len(load(tmp_path, data).app("a").freeze) == 6
+    assert len(load(tmp_path, data).app("a").freeze) == 7
 
 
 # -- again, just before each run ------------------------------------------------------------------
