@@ -160,7 +160,7 @@ def test_on_failure_continue_logs_the_failure_and_freezes_the_rest():
 def test_after_an_abort_apps_not_yet_started_are_skipped():
     systemd = FakeSystemd(all_active("dep.service", "user.service"))
     systemd.fail_stop = {"user.service"}
-    engine, _ = make_engine(
+    engine, events = make_engine(
         {
             "dep": {"units": ["dep.service"]},
             "user": {"units": ["user.service"], "depends_on": ["dep"]},
@@ -170,6 +170,13 @@ def test_after_an_abort_apps_not_yet_started_are_skipped():
     report = engine.freeze()
     assert {o.app: o.result for o in report.apps} == {"user": "failed", "dep": "skipped"}
     assert "dep.service" not in systemd.calls("stop")
+    # Every outcome names the app's units and actions, even the skipped app's: journald's
+    # QGAFREEZE_UNIT and QGAFREEZE_ACTION find an app's records whatever became of it.
+    for outcome in [*report.apps, *report.rollback]:
+        assert (outcome.units, outcome.actions) == ((f"{outcome.app}.service",), ("units",))
+    skipped = report.apps[1]
+    assert (skipped.app, skipped.result) == ("dep", "skipped")
+    assert skipped in events.finished
 
 
 def test_thaw_without_freeze_succeeds_and_changes_nothing():
@@ -331,26 +338,7 @@ def test_action_stuck_past_its_deadline_is_abandoned_and_rolled_back():
     finally:
         action.release.set()
     assert not report.ok
-    assert report.apps[0].result == "timeout"
+    assert [(o.phase, o.result) for o in report.apps] == [("freeze", "timeout")]
     assert report.apps[0].message == "did not return by its deadline"
     assert action.resumed == [["stuck.service"]]
     assert engine.state == THAWED
-
-
-def test_every_outcome_names_the_apps_units_and_actions_even_when_the_app_never_ran():
-    # journald's QGAFREEZE_UNIT and QGAFREEZE_ACTION find an app's records whatever became of it.
-    systemd = FakeSystemd(all_active("dep.service", "user.service"))
-    systemd.fail_stop = {"user.service"}
-    engine, events = make_engine(
-        {
-            "dep": {"units": ["dep.service"]},
-            "user": {"units": ["user.service"], "depends_on": ["dep"]},
-        },
-        systemd,
-    )
-    report = engine.freeze()
-    for outcome in [*report.apps, *report.rollback]:
-        assert (outcome.units, outcome.actions) == ((f"{outcome.app}.service",), ("units",))
-    skipped = report.apps[1]
-    assert (skipped.app, skipped.result) == ("dep", "skipped")
-    assert skipped in events.finished

@@ -112,24 +112,6 @@ def test_callers_that_arrive_during_a_write_share_the_next_one():
     assert file.written == [1, callers]
 
 
-def test_a_caller_arriving_during_a_write_waits_for_a_write_that_holds_its_change():
-    changes, file = Changes(), GatedFile()
-    condition = WaitersSeen(expected=1)
-    writer = BatchedStateWriter(file, changes.snapshot, condition)  # type: ignore[arg-type]
-    errors: list[str] = []
-    first = saver(writer, changes, file, errors)
-    first.start()
-    assert file.writing.wait(5)
-    second = saver(writer, changes, file, errors)
-    second.start()
-    assert condition.all_waiting.wait(5)
-    file.go.set()
-    first.join(5)
-    second.join(5)
-    assert errors == []
-    assert file.written == [1, 2]
-
-
 def test_a_write_that_raised_does_not_count_and_a_caller_it_covered_writes_again():
     # The first write holds two callers up; one of them then writes for both, and that write
     # fails: its own caller gets the error, and the other one is not told "saved" on its faith.
