@@ -18,7 +18,7 @@ import stat
 import time
 from collections.abc import Iterable
 
-from .trust import check_file_permissions
+from .trust import check_file_permissions, walk
 
 # Starts every line of command output.  Our own lines start with a date (a capital letter) or a
 # result word (``failed: ...``), never with a space: ``grep '^[^ ]'`` leaves output out.
@@ -86,7 +86,7 @@ def append_to_hook_log(path: str, lines: list[str]) -> str:
     try:
         dir_fd = os.open(directory or "/", _DIR_FLAGS)
         try:
-            refused = _directory_problem(dir_fd, os.path.realpath(directory or "/"))
+            refused = _directory_problem(dir_fd, directory or "/")
             if refused:
                 return f"cannot write the hook log {path}: refused: {refused}"
             fd = os.open(name, _OPEN_FLAGS, LOG_MODE, dir_fd=dir_fd)
@@ -123,34 +123,27 @@ def _file_problem(st: os.stat_result) -> str | None:
     return None
 
 
-def _directory_problem(dir_fd: int, name: str) -> str | None:
-    """Why the directory open as ``dir_fd``, or one above it, could be changed by someone but
-    root, as ``trust.check_file_permissions`` judges a directory of the config's programs.
+def _directory_problem(dir_fd: int, directory: str) -> str | None:
+    """Why the log's directory, open as ``dir_fd``, could be changed by someone but root, or
+    swapped on the way to it.
 
-    Above it, a sticky directory of root's (``/tmp``) is fine: nobody else can rename what is
-    in it.  The log's own directory must be root's alone: in a sticky one, someone else could
-    take the log's name first.  Walked up through ``..`` from the open directory, not by path.
+    On the way, ``trust.walk``'s rule, as for the config's programs: a sticky directory of
+    root's (``/tmp``) is fine, since nobody else can rename what is in it.  The log's own
+    directory, as opened, must be root's alone: in a sticky one, someone else could take the
+    log's name first.
     """
-    current = dir_fd
-    try:
-        st = os.fstat(current)
-        holds_the_log = True
-        while True:
-            reason = check_file_permissions(name, st)
-            sticky_above = not holds_the_log and st.st_mode & stat.S_ISVTX and st.st_uid == 0
-            if reason and not sticky_above and not (holds_the_log and _log_group_dir(st)):
-                return f"{name} is {reason}"
-            up = os.open("..", _DIR_FLAGS, dir_fd=current)
-            if current != dir_fd:
-                os.close(current)
-            current = up
-            above = os.fstat(current)
-            if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):
-                return None  # "/" is its own parent
-            st, name, holds_the_log = above, os.path.dirname(name), False
-    finally:
-        if current != dir_fd:
-            os.close(current)
+    real, why = walk(directory, os.getcwd())
+    if real is None:  # refused on the way, or gone since it was opened
+        return why or f"{directory} changed while it was checked"
+    st = os.fstat(dir_fd)
+    walked = os.lstat(real)
+    if (walked.st_dev, walked.st_ino) != (st.st_dev, st.st_ino):
+        return f"{real} changed while it was checked"
+    # walk's verdict on the directory itself is not the last word: _log_group_dir may allow it.
+    reason = check_file_permissions(real, st)
+    if reason and not _log_group_dir(st):
+        return f"{real} is {reason}"
+    return None
 
 
 def _log_group_dir(st: os.stat_result) -> bool:
