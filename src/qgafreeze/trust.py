@@ -238,9 +238,12 @@ class _Checker:
                     self.program(key, words[0], depth + 1, via)
         return None if why else real
 
-    def argv(self, argv: Sequence[str], key: Callable[[int], str], depth: int = 0) -> None:
+    def argv(
+        self, argv: Sequence[str], key: Callable[[int], str], depth: int = 0, text: bool = False
+    ) -> None:
         """A command's program, the script or shell text a known interpreter is given, and each
-        argument that is an absolute path to an executable file (what a wrapper would run)."""
+        argument that is a path to an executable file (what a wrapper would run); ``text``: a
+        command of shell text, whose working directory a ``cd`` may have moved."""
         real = self.program(key(0), argv[0], depth)
         names = (os.path.basename(argv[0]), os.path.basename(real or ""))
         spec = next((s for s in _INTERPRETERS for n in names if re.fullmatch(s.names, n)), None)
@@ -250,20 +253,20 @@ class _Checker:
         if index is not None and mode == "shell":
             self.shell(key(index), argv[index], depth + 1)
         elif index is not None and mode == "script":
-            self.script(key(index), argv[index], python)
+            self.script(key(index), argv[index], python, text)
         elif mode == "code" and python and not isolated:
             why = walk(self.cwd)[1]
             if why:
                 self.refuse(key(index or 0), f"python imports from its working directory: {why}")
         for position, word in enumerate(argv[1:], 1):
-            if position != index and word.startswith("/") and _is_program(word):
+            if position != index and "/" in word and _is_program(os.path.join(self.cwd, word)):
                 self.program(key(position), word, depth)
 
-    def script(self, key: str, word: str, python: bool) -> None:
+    def script(self, key: str, word: str, python: bool, text: bool = False) -> None:
         """A script given to an interpreter: from the working directory, else through the PATH
-        (as bash and ``.`` look)."""
-        if _EXPANDS & set(word):
-            self.refuse(key, _unfollowable(word))
+        (as bash and ``.`` look); in shell text, only from /."""
+        if _EXPANDS & set(word) or (text and not word.startswith("/")):
+            self.refuse(key, _unfollowable(word) if _EXPANDS & set(word) else _relative(word))
             return
         real, why = self._resolve(word, search=False)
         if not why and real and python:
@@ -297,18 +300,21 @@ class _Checker:
             if command in ("eval", "trap"):
                 self.shell(key, " ".join(words[1:2] if command == "trap" else words[1:]), depth + 1)
             elif command in (".", "source") and len(words) > 1:
-                self.script(key, words[1], False)
+                self.script(key, words[1], False, text=True)
             elif _EXPANDS & set(command):
                 self.refuse(key, _unfollowable(command))
             elif "/" in command and not command.startswith("/"):
-                why = f"{command!r} is a relative path, which the shell text may change (cd)"
-                self.refuse(key, why + "; write it from /")
+                self.refuse(key, _relative(command))
             else:
-                self.argv(words, lambda _: key, depth)
+                self.argv(words, lambda _: key, depth, text=True)
 
 
 def _unfollowable(word: str) -> str:
     return f"{word!r} is expanded by a shell, which the check cannot follow; write the path out"
+
+
+def _relative(word: str) -> str:
+    return f"{word!r} is a relative path, which the shell text may change (cd); write it from /"
 
 
 def _home(user: str | None) -> str:

@@ -250,6 +250,16 @@ def test_a_program_a_wrapper_runs_by_its_path_is_checked(tmp_path):
     ]
 
 
+def test_a_program_a_wrapper_runs_by_a_relative_path_is_checked_in_its_working_directory(
+    tmp_path,
+):
+    app = nobodys_directory(tmp_path)
+    program(app / "flush")
+    assert refusals(tmp_path, freeze_steps({"exec": ["nice", "./flush"], "cwd": str(app)})) == [
+        f"apps.a.freeze[0].exec[1]: refused: {owned(app)}"
+    ]
+
+
 # -- shell text -----------------------------------------------------------------------------------
 
 
@@ -323,6 +333,9 @@ def test_a_bare_name_in_shell_text_is_looked_up_in_the_path_in_force(tmp_path):
         ("echo a; ~/bin/flush", "'~/bin/flush' is expanded by a shell"),
         ("bash -e $SCRIPT", "'$SCRIPT' is expanded by a shell"),
         ("cd /srv/app && ./flush", "'./flush' is a relative path, which the shell text may change"),
+        ("cd /srv/app && . ./flush", "'./flush' is a relative path, which the shell text may"),
+        ("cd /srv/app && sh ./flush", "'./flush' is a relative path, which the shell text may"),
+        ("cd /srv/app; bash flush", "'flush' is a relative path, which the shell text may change"),
         ("PATH=/srv/bin:$PATH flush", "PATH is set in the shell text, where the check cannot"),
         ("export LD_PRELOAD=/srv/x.so; true", "LD_PRELOAD is set in the shell text"),
         ("echo 'unclosed", "the shell text cannot be read as sh would (a quote is not closed)"),
