@@ -32,6 +32,8 @@ from .sessioninput import SessionInput
 
 OUTPUT_LINES = 200  # kept per command for the logs; the rest is counted, not stored
 LINE_LIMIT = 2000
+READ_SIZE = 65536
+POLL = 0.05  # how often a process is checked for where the kernel cannot say (no pidfd)
 
 
 @dataclass(frozen=True)
@@ -148,28 +150,8 @@ def run(
     stdout = child.process.stdout
     assert stdout is not None
     lines = Lines()
-    fd = stdout.fileno()
-    os.set_blocking(fd, False)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                child.end()
-                output = lines.finish()
-                raise ActionTimeout(
-                    f"{argv[0]}: still running at its deadline; killed with all it started"
-                    + (f" (last output: {output[-1]})" if output else "")
-                )
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                continue
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                break
-            lines.feed(data)
+        read_output(child, lines, deadline, f"{argv[0]}: ")
         status = child.wait(deadline)
         if status is None:
             child.end()
@@ -178,6 +160,66 @@ def run(
     finally:
         stdout.close()
     return Outcome(status=status, output=lines.finish())
+
+
+def read_output(
+    child: Child, lines: Lines, deadline: float, prefix: str = "", until_exit: bool = False
+) -> bool:
+    """Read the child's output pipe into ``lines`` until every writer has closed it, or with
+    ``until_exit`` until its leader has exited; whether the pipe is still open.
+
+    One read per wake-up, then the deadline again: a writer that never stops (``yes``) never
+    lets the pipe run empty.  At ``deadline`` the child is ended with all it started and
+    ActionTimeout raised (its message after ``prefix``).
+    """
+    stdout = child.process.stdout
+    assert stdout is not None
+    fd = stdout.fileno()
+    os.set_blocking(fd, False)
+    exited = _exit_notifier(child.pid) if until_exit else None
+    pipe_open = True
+    try:
+        while child.status() is None if until_exit else pipe_open:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                child.end()
+                output = lines.finish()
+                raise ActionTimeout(
+                    f"{prefix}still running at its deadline; killed with all it started"
+                    + (f" (last output: {output[-1]})" if output else "")
+                )
+            watched = [fd] if pipe_open else []
+            if exited is not None:
+                watched.append(exited)
+            elif until_exit:
+                remaining = min(remaining, POLL)
+            ready, _, _ = select.select(watched, [], [], remaining)
+            if fd in ready:
+                pipe_open = read_once(fd, lines)
+    finally:
+        if exited is not None:
+            os.close(exited)
+    return pipe_open
+
+
+def read_once(fd: int, lines: Lines) -> bool:
+    """One read from the non-blocking ``fd`` into ``lines``; False once every writer has closed
+    it."""
+    try:
+        data = os.read(fd, READ_SIZE)
+    except BlockingIOError:
+        return True
+    if data:
+        lines.feed(data)
+    return bool(data)
+
+
+def _exit_notifier(pid: int) -> Optional[int]:
+    """A file descriptor that turns readable when ``pid`` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class HeldSession:
@@ -221,7 +263,7 @@ class HeldSession:
         # Keep reading so the client never blocks on a full terminal, and notice its exit.
         while True:
             try:
-                data = os.read(self._master, 65536)
+                data = os.read(self._master, READ_SIZE)
             except OSError:  # EIO: every writer of the pty is gone
                 data = b""
             with self._new_line:

@@ -70,7 +70,9 @@ def legacy_scripts(directory: str) -> list[str]:
 # After the thaw scripts, what a script left running gets this long to end by itself before it
 # is sent SIGTERM (and SIGKILL, KILL_GRACE later).
 LEFTOVER_GRACE = 3.0
-_POLL = 0.05  # how often a process is checked for where the kernel cannot say (no pidfd)
+# Reads of what a script wrote just before it exited: a full pipe, 64 KiB by default, 1 MiB
+# (pipe-max-size) at the most.  Bounded, as a process it left running may write without end.
+_FINAL_READS = (1 << 20) // commands.READ_SIZE
 _LAST_WORDS = 0.5  # once its processes are gone, how long their last output may take to be read
 
 
@@ -95,36 +97,16 @@ def run_script(script: str, phase: str, deadline: float) -> ScriptRun:
     child = commands.spawn([script, phase], None, (), None, subprocess.PIPE)
     stdout = child.process.stdout
     assert stdout is not None
-    pipe = stdout.fileno()
-    os.set_blocking(pipe, False)
     lines = commands.Lines()
-    pipe_open = True
-    exited = _exit_notifier(child.pid)
     try:
-        while child.status() is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                child.end()
-                stdout.close()
-                output = lines.finish()
-                raise ActionTimeout(
-                    "still running at its deadline; killed with all it started"
-                    + (f" (last output: {output[-1]})" if output else "")
-                )
-            watched = [pipe] if pipe_open else []
-            wait = remaining
-            if exited is not None:
-                watched.append(exited)
-            else:
-                wait = min(remaining, _POLL)
-            ready, _, _ = select.select(watched, [], [], wait)
-            if pipe in ready:
-                pipe_open = _read_ready(pipe, lines)
-    finally:
-        if exited is not None:
-            os.close(exited)
-    if pipe_open:
-        pipe_open = _read_ready(pipe, lines)  # what it wrote just before it exited
+        pipe_open = commands.read_output(child, lines, deadline, until_exit=True)
+    except ActionTimeout:
+        stdout.close()
+        raise
+    for _ in range(_FINAL_READS):  # the Leftover, if any, reads on
+        if not pipe_open or not select.select([stdout], [], [], 0)[0]:
+            break
+        pipe_open = commands.read_once(stdout.fileno(), lines)
     status = child.status()
     assert status is not None
     members = child.members()
@@ -134,26 +116,6 @@ def run_script(script: str, phase: str, deadline: float) -> ScriptRun:
         return ScriptRun(status, lines.finish(), None)
     leftover = Leftover(script, phase, child, stdout, members)
     return ScriptRun(status, (*lines.finish(), leftover.describe()), leftover)
-
-
-def _exit_notifier(pid: int) -> Optional[int]:
-    """A file descriptor that turns readable when ``pid`` exits (Linux 5.3+), or None."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def _read_ready(fd: int, lines: commands.Lines) -> bool:
-    """Read what ``fd`` holds now into ``lines``; False once every writer has closed it."""
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return True
-        if not data:
-            return False
-        lines.feed(data)
 
 
 def _pids(members: list[Member], jail: str) -> str:
@@ -199,10 +161,11 @@ class Leftover:
             while not self._stop.is_set():
                 # Woken now and then to notice _stop: a writer outside the cgroup may hold the
                 # pipe for ever.
+                # One read at a time: a writer that never stops must not hold the lock.
                 ready, _, _ = select.select([fd], [], [], _LAST_WORDS)
                 if ready:
                     with self._lock:
-                        if not _read_ready(fd, self._lines):
+                        if not commands.read_once(fd, self._lines):
                             return
         finally:
             self._pipe.close()
@@ -232,7 +195,7 @@ def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_G
     waited_until = min(time.monotonic() + grace, deadline)
     how = {id(left): "ended by itself" for left in leftovers}
     while any(left.members() for left in leftovers) and time.monotonic() < waited_until:
-        time.sleep(_POLL)
+        time.sleep(commands.POLL)
     for signum in (signal.SIGTERM, signal.SIGKILL):
         running = [left for left in leftovers if left.members()]
         for left in running:
@@ -243,7 +206,7 @@ def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_G
             )
         waited_until = time.monotonic() + KILL_GRACE
         while any(left.members() for left in running) and time.monotonic() < waited_until:
-            time.sleep(_POLL)
+            time.sleep(commands.POLL)
     lines = []
     for left in leftovers:
         if left.members():  # not even SIGKILL: stuck in the kernel (D state)

@@ -318,6 +318,21 @@ def test_a_legacy_script_that_hangs_is_killed_at_its_timeout(tmp_path):
     assert report.apps[0].result == "timeout"
 
 
+def test_a_legacy_script_that_writes_without_end_is_killed_at_its_timeout(tmp_path):
+    # Its output never leaves the pipe empty: the deadline must be checked between reads.
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    marker = f"qgft-chatty-{os.getpid()}"
+    (tmp_path / marker).symlink_to("/usr/bin/yes")  # "y" lines: the most lines a second
+    write_script(hooks, "10-chatty", f"exec {tmp_path / marker}")
+    engine, _ = engine_for({}, legacy_hooks=str(hooks), legacy_hook_timeout="300ms")
+    report, took = timed(engine.freeze)
+    assert report.apps[0].result == "timeout"
+    assert "killed with all it started" in report.apps[0].message, report.apps[0].message
+    assert took < 2, f"the freeze took {took:.1f} s"
+    assert wait_until(lambda: not processes_with(marker)), processes_with(marker)
+
+
 # A legacy script in the pattern of QEMU's MySQL sample hook: on freeze a background "client" is
 # fed a lock request, then blocks reading a FIFO until the thaw script writes it; the freeze
 # script waits until the lock holds and exits 0, leaving the client running and holding its
