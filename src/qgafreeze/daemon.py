@@ -238,9 +238,8 @@ class Daemon:
             # with nothing paused, so no watch is armed and no write is pending here.
             self._log.set_hook_log(config.settings.hook_log)
             self.watch_agent(config.settings.agent_state_file)
-            if self.server is not None:  # ops first: a reload taking freeze away holds at once
-                self.server.allowed_ops = tuple(config.settings.allowed_group_ops)
-                self.server.allowed_gid = allowed_gid(config, self._log)
+            if self.server is not None:
+                self.server.allow(allowed_gid(config, self._log), config.settings.allowed_group_ops)
             self._log.daemon_event(f"reloaded {self._config_path}: {len(config.apps)} app(s)")
             log_warnings(config, self._log)
         notify(f"READY=1\nSTATUS={self._status_line()}")

@@ -4,8 +4,8 @@ Each client gets its own thread so that ``status`` and ``ping`` stay answerable 
 runs, and a client that stalls or disconnects can only hurt its own connection.  A cycle runs in
 the thread of the request that started it and finishes whether or not its client is still there.
 
-Root may ask anything.  Members of ``allowed_gid`` may ask for ``allowed_ops`` only (ping and
-status unless the config grants more), get replies without any command's output (which names
+Root may ask anything.  Members of the allowed group may ask for the ops granted them only (ping
+and status unless the config grants more), get replies without any command's output (which names
 command lines), and hold at most half of the connection slots: the other half stays root's, so
 that the hook never gets "busy" because of them.
 """
@@ -184,6 +184,8 @@ def notify(message: str) -> None:
 
 
 class Server:
+    _access: tuple[int | None, tuple[str, ...]]  # who may ask besides root, and what
+
     def __init__(
         self,
         listener: socket.socket,
@@ -196,8 +198,7 @@ class Server:
         self._listener = listener
         self._handler = handler
         self._problems = problems
-        self.allowed_gid = allowed_gid  # members of this group may ask too; None: root only
-        self.allowed_ops = tuple(allowed_ops)  # what they may ask
+        self.allow(allowed_gid, allowed_ops)
         self._request_timeout = request_timeout
         self._clients = 0
         self._non_root = 0  # of them, non-root peers'
@@ -205,6 +206,16 @@ class Server:
         self._said_proc = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+
+    def allow(self, gid: int | None, ops: Collection[str] = ALLOWED_GROUP_OPS) -> None:
+        """Let members of group ``gid`` ask for ``ops`` too (None: root alone).  Set in one
+        assignment: a request sees one reload's group and ops, never half of each."""
+        self._access = (gid, tuple(ops))
+
+    @property
+    def access(self) -> tuple[int | None, tuple[str, ...]]:
+        """The group that may ask besides root, and what it may ask."""
+        return self._access
 
     def wake(self) -> None:
         """Called from signal handlers: make serve() return to its caller's loop."""
@@ -252,12 +263,11 @@ class Server:
             target=self._serve_client, args=(conn, peer), name="client", daemon=True
         ).start()
 
-    def _ops_of(self, peer: Peer) -> tuple[str, ...]:
-        """What ``peer`` may ask: everything for root, the granted ops for the group, else
+    def ops_for(self, peer: Peer, gid: int | None, granted: tuple[str, ...]) -> tuple[str, ...]:
+        """What ``peer`` may ask: everything for root, ``granted`` for members of ``gid``, else
         nothing."""
         if peer.uid == 0:
             return protocol.OPS
-        gid, ops = self.allowed_gid, self.allowed_ops
         if gid is None:
             return ()
         groups = peer.groups
@@ -270,14 +280,15 @@ class Server:
                     " could fool"
                 )
             groups = tuple(supplementary_groups(peer.pid))
-        return ops if peer.gid == gid or gid in groups else ()
+        return granted if peer.gid == gid or gid in groups else ()
 
     def _serve_client(self, conn: socket.socket, peer: Peer) -> None:
         op: str | None = None
+        gid, granted = self._access  # read once: a reload may change it meanwhile
         try:
-            ops = self._ops_of(peer)
+            ops = self.ops_for(peer, gid, granted)
             if not ops:
-                who = "root" if self.allowed_gid is None else f"root and group {self.allowed_gid}"
+                who = "root" if gid is None else f"root and group {gid}"
                 self._problems.problem(
                     f"refused a request from uid {peer.uid} (pid {peer.pid}): only {who} may ask"
                 )
@@ -288,10 +299,10 @@ class Server:
             if op not in ops:
                 self._problems.problem(
                     f"refused {op} from uid {peer.uid} (pid {peer.pid}): group"
-                    f" {self.allowed_gid} may ask for {', '.join(ops)} only"
+                    f" {gid} may ask for {', '.join(ops)} only"
                 )
                 raise Forbidden(
-                    f"permission denied: {op} needs root; group {self.allowed_gid} may ask for"
+                    f"permission denied: {op} needs root; group {gid} may ask for"
                     f" {', '.join(ops)} (settings.allowed_group_ops)"
                 )
             reply = self._handler(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from qgafreeze.daemon import Daemon, ImportGuard
 from qgafreeze.engine import FROZEN, THAWED, Engine
 from qgafreeze.logs import PRIORITY_WARNING, LogWriter
 from qgafreeze.planner import build_plan
-from qgafreeze.server import Peer
+from qgafreeze.server import Peer, Server
 
 ROOT = Peer(pid=1, uid=0, gid=0, groups=())
 
@@ -77,3 +79,26 @@ def test_a_flag_watch_that_cannot_be_set_does_not_fail_the_freeze_and_is_reporte
     assert thaw["ok"] is True, thaw
     assert daemon.engine.state == THAWED
     assert systemd.active["db.service"] == "active"
+
+
+def test_a_reload_applies_the_allowed_group_and_what_it_may_ask(tmp_path):
+    daemon, _, _, log = make_daemon(tmp_path)
+    daemon.server = Server(socket.socket(socket.AF_UNIX), daemon, log)
+    assert daemon.server.access == (None, ("ping", "status"))
+    group = grp.getgrgid(0).gr_name
+    config = tmp_path / "qgafreeze.yaml"
+    config.write_text(
+        "version: 1\n"
+        f"settings: {{allowed_group: {group}, allowed_group_ops: [ping, status, thaw]}}\n"
+        "apps: {db: {units: [db.service]}}\n"
+    )
+    config.chmod(0o600)
+
+    daemon.reload()
+
+    assert daemon.server.access == (0, ("ping", "status", "thaw"))
+
+    config.write_text("version: 1\napps: {db: {units: [db.service]}}\n")
+    daemon.reload()
+
+    assert daemon.server.access == (None, ("ping", "status"))

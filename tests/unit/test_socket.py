@@ -248,7 +248,7 @@ def test_members_of_the_allowed_group_may_ask():
         assert os.stat(path).st_gid == 65534
         reply = json.loads(_connect_as_nobody(path))
         assert reply["ok"] is True and reply["uid"] == 65534
-        server.allowed_gid = None  # as after a reload that removes the setting
+        server.allow(None)  # as after a reload that removes the setting
         assert json.loads(_connect_as_nobody(path))["error"]["code"] == "forbidden"
     finally:
         stop.set()
@@ -526,7 +526,7 @@ def test_the_allowed_group_may_ping_and_ask_status_but_not_freeze_or_thaw_by_def
 
 @needs_root
 def test_an_admin_may_grant_the_group_freeze_and_thaw(group_server):
-    group_server.server.allowed_ops = GRANTED_ALL
+    group_server.server.allow(PEER_GROUP, GRANTED_ALL)
     group_server.start()
 
     replies = _as_nobody(ask_all(group_server.path, ("freeze", "thaw")))
@@ -537,7 +537,7 @@ def test_an_admin_may_grant_the_group_freeze_and_thaw(group_server):
 
 @needs_root
 def test_replies_to_the_group_carry_no_command_lines_or_output(group_server):
-    group_server.server.allowed_ops = GRANTED_ALL
+    group_server.server.allow(PEER_GROUP, GRANTED_ALL)
     group_server.start()
 
     status, freeze = _as_nobody(ask_all(group_server.path, ("status", "freeze")))
