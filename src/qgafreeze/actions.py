@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 
 from . import commands
-
-# The engine, the logs and the tests know these as actions.*: re-exported.
 from .actioncontext import Action, ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .legacy import LegacyHooksAction

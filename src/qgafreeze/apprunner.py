@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Callable, Protocol
 
 from .actioncontext import Action, ActionContext, StepReport, record_is_empty
@@ -36,10 +37,6 @@ class AppEvents(Protocol):
     def step_finished(self, cycle: str, app: str, report: StepReport) -> None: ...
 
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
-
-
-def _never(outcome: AppOutcome) -> bool:
-    return False
 
 
 class AppRunner:
@@ -74,7 +71,7 @@ class AppRunner:
         # The names are copied under the table's lock: an abandoned worker may still change it.
         phase = subset(self._plan.thaw, self._paused.names())
         deadline = self._clock() + self._config.settings.thaw_timeout
-        return self._run(phase, label, cycle, deadline, self._resume_app, _never)
+        return self._run(phase, label, cycle, deadline, self._resume_app)
 
     def _run(
         self,
@@ -83,29 +80,26 @@ class AppRunner:
         cycle: str,
         deadline: float,
         step: AppStep,
-        halts: Callable[[AppOutcome], bool],
+        halts: Callable[[AppOutcome], bool] | None = None,
     ) -> list[AppOutcome]:
         config, events = self._config, self._events
 
         def outcome(app: str, result: str, duration_ms: int, message: str) -> AppOutcome:
             return AppOutcome.of(config.app(app), label, result, duration_ms, message)
 
-        return self._scheduler.run(
-            Phase(
-                label=label,
-                order=phase.order,
-                waits_for=dict(phase.waits_for),
-                deadline=deadline,
-                timeout=lambda app: config.app(app).timeout,
-                work=lambda app, app_deadline, cancel: step(
-                    app, app_deadline, cancel, cycle, label
-                ),
-                make_outcome=outcome,
-                halts=halts,
-                not_started=lambda skipped: events.app_finished(cycle, skipped),
-                problem=lambda message, detail: events.problem(message, cycle, detail),
-            )
+        spec = Phase(
+            label=label,
+            order=phase.order,
+            waits_for=dict(phase.waits_for),
+            deadline=deadline,
+            timeout=lambda app: config.app(app).timeout,
+            work=lambda app, app_deadline, cancel: step(app, app_deadline, cancel, cycle, label),
+            make_outcome=outcome,
+            not_started=lambda skipped: events.app_finished(cycle, skipped),
+            problem=lambda message, detail: events.problem(message, cycle, detail),
         )
+        # Without halts, the scheduler's default: nothing an app comes to stops the others.
+        return self._scheduler.run(spec if halts is None else replace(spec, halts=halts))
 
     def _quiesce_app(
         self, app: str, deadline: float, cancel: threading.Event, cycle: str, phase: str

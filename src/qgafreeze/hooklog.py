@@ -22,9 +22,10 @@ from .trust import check_file_permissions, walk
 
 # Starts every line of command output.  Our own lines start with a date (a capital letter) or a
 # result word (``failed: ...``), never with a space: ``grep '^[^ ]'`` leaves output out.
+OUTPUT_MARK = "  | "
+
 # Groups below this are the system's own (Debian's and Fedora's SYS_GID_MAX is 999).
 SYSTEM_GID_LIMIT = 1000
-OUTPUT_MARK = "  | "
 
 LOG_MODE = 0o600  # command output may be sensitive
 _OPEN_FLAGS = (

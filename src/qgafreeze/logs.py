@@ -46,7 +46,7 @@ PRIORITY_ERR, PRIORITY_WARNING, PRIORITY_INFO = 3, 4, 6
 QUEUE_LIMIT = 10_000
 
 # Exit statuses written to the hook log, as the stock script writes a hook's exit status.
-HOOK_STATUS = {OK: 0, FAILED: 1, TIMEOUT: 124, SKIPPED: 125}
+HOOK_STATUS = {OK: 0, FAILED: 1, TIMEOUT: 124}
 
 JournalSend = Callable[..., None]
 
