@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .fields import ACCOUNT_NAME, Problems
 from .model import CONFIG_VERSION, App, Config, Settings
 from .protocol import OPS
-from .trust import check_file_permissions, config_file_problem, host_problems
+from .trust import check_file_permissions, host_problems, walk
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -240,7 +240,9 @@ def load_file(path: str) -> Config:
             st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigError(path, ["not a regular file"])
-            refusal = check_file_permissions(path, st) or config_file_problem(path)
+            # Anyone who could replace it, through a directory above it or a symlink on the way,
+            # could write it as well.
+            refusal = check_file_permissions(path, st) or walk(path, os.getcwd())[1]
             if refusal:
                 raise ConfigError(path, [f"refused: {refusal}"])
             raw = handle.read(1024 * 1024 + 1)

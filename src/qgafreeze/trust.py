@@ -87,12 +87,6 @@ def walk(path: str, cwd: str = "/") -> tuple[str | None, str | None]:
     return here, reason and f"{here} is {reason}"
 
 
-def config_file_problem(path: str) -> str | None:
-    """Why someone but root could replace the config file: a directory above it, or a symlink on
-    the way, that is not root's alone.  (``load_file`` judges the file itself as it reads it.)"""
-    return walk(path, os.getcwd())[1]
-
-
 # Environment variables that name where a program loads code from, with their entry separators.
 _LOADED_FROM = {"PATH": ":", "LD_LIBRARY_PATH": ":;", "LD_PRELOAD": ": ", "LD_AUDIT": ":"}
 _LOADED_FROM.update(dict.fromkeys(["PYTHONPATH", "PYTHONHOME", "PERL5LIB", "PERLLIB"], ":"))
@@ -259,14 +253,17 @@ class _Checker:
             if why:
                 self.refuse(key(index or 0), f"python imports from its working directory: {why}")
         for position, word in enumerate(argv[1:], 1):
-            if position != index and "/" in word and _is_program(os.path.join(self.cwd, word)):
+            sets = _sets_loader([word], "the arguments") if position != index else None
+            if sets:  # env NAME=value, sudo NAME=value
+                self.refuse(key(position), sets)
+            elif position != index and "/" in word and _is_program(os.path.join(self.cwd, word)):
                 self.program(key(position), word, depth)
 
     def script(self, key: str, word: str, python: bool, text: bool = False) -> None:
         """A script given to an interpreter: from the working directory, else through the PATH
         (as bash and ``.`` look); in shell text, only from /."""
         if _EXPANDS & set(word) or (text and not word.startswith("/")):
-            self.refuse(key, _unfollowable(word) if _EXPANDS & set(word) else _relative(word))
+            self.refuse(key, _cannot_follow(word))
             return
         real, why = self._resolve(word, search=False)
         if not why and real and python:
@@ -283,15 +280,12 @@ class _Checker:
             self.refuse(key, f"the shell text cannot be read as sh would ({exc})")
             return
         for words in commands:
-            for word in words:
-                for inner in substitutions(word):
-                    self.shell(key, inner, depth + 1)
-                assigned = _ASSIGNMENT.match(word)
-                name = assigned.group()[:-1] if assigned else ""
-                if name in _LOADED_FROM and words[0] != ":":  # (a here-document's body)
-                    why = f"{name} is set in the shell text, where the check cannot follow it"
-                    self.refuse(key, why + "; set it with env:")
-                    return
+            for inner in [inner for word in words for inner in substitutions(word)]:
+                self.shell(key, inner, depth + 1)
+            sets = _sets_loader(words, "the shell text") if words[0] != ":" else None
+            if sets:  # a prefix, export, env; not ':' (a here-document's body)
+                self.refuse(key, sets)
+                return
             while words and (words[0] in _PREFIXES or _ASSIGNMENT.match(words[0])):
                 words = words[1:]
             if not words or words[0] in _NOT_A_COMMAND:
@@ -301,19 +295,22 @@ class _Checker:
                 self.shell(key, " ".join(words[1:2] if command == "trap" else words[1:]), depth + 1)
             elif command in (".", "source") and len(words) > 1:
                 self.script(key, words[1], False, text=True)
-            elif _EXPANDS & set(command):
-                self.refuse(key, _unfollowable(command))
-            elif "/" in command and not command.startswith("/"):
-                self.refuse(key, _relative(command))
+            elif _EXPANDS & set(command) or ("/" in command and not command.startswith("/")):
+                self.refuse(key, _cannot_follow(command))
             else:
                 self.argv(words, lambda _: key, depth, text=True)
 
 
-def _unfollowable(word: str) -> str:
-    return f"{word!r} is expanded by a shell, which the check cannot follow; write the path out"
+def _sets_loader(words: Sequence[str], where: str) -> str | None:
+    """Why words that set a variable of ``_LOADED_FROM`` (``NAME=value``) are refused."""
+    names = [w.partition("=")[0] for w in words if _ASSIGNMENT.match(w)]
+    name = next((name for name in names if name in _LOADED_FROM), None)
+    return name and f"{name} is set in {where}, where the check cannot follow it; set it with env:"
 
 
-def _relative(word: str) -> str:
+def _cannot_follow(word: str) -> str:
+    if _EXPANDS & set(word):
+        return f"{word!r} is expanded by a shell, which the check cannot follow; write the path out"
     return f"{word!r} is a relative path, which the shell text may change (cd); write it from /"
 
 

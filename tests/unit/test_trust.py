@@ -176,6 +176,17 @@ def test_environment_that_makes_a_program_load_code_is_checked(tmp_path, name):
     assert refusals(tmp_path, data) == [f"apps.a.freeze[0].env.{name}: refused: {owned(app)}"]
 
 
+@pytest.mark.parametrize(
+    "argv", [["/usr/bin/env", "LD_PRELOAD=/srv/x.so", "/bin/true"], ["env", "PATH=/srv/bin", "x"]]
+)
+def test_environment_a_wrapper_is_given_in_its_arguments_is_refused(tmp_path, argv):
+    name = argv[1].partition("=")[0]
+    assert refusals(tmp_path, freeze_steps({"exec": argv})) == [
+        f"apps.a.freeze[0].exec[1]: refused: {name} is set in the arguments, where the check"
+        " cannot follow it; set it with env:"
+    ]
+
+
 def test_the_interpreter_a_script_names_is_checked(tmp_path):
     app = nobodys_directory(tmp_path)
     interpreter = program(app / "interp")
