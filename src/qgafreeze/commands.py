@@ -253,7 +253,13 @@ class HeldSession:
         self._closed = False
         self._eof = threading.Event()  # the drain thread has read everything the session wrote
         self._on_exit = on_exit
+        # An exit is news (on_exit) only once ``ready`` was seen and before finish/kill: before,
+        # nothing is held yet (a wrong password) and wait_for tells the caller.  The three below
+        # are guarded by _new_line; on_exit is called by whichever of the exit and the ready
+        # line is noticed second.
+        self._held = False
         self._expected_exit = False
+        self._exit_status: Optional[int] = None
         stdin = self._child.process.stdin
         assert stdin is not None
         self._input = SessionInput(stdin, lambda: not self.running, f"session-in-{self.pid}")
@@ -277,7 +283,10 @@ class HeldSession:
         self._eof.set()
         status = self._child.wait(None)
         os.close(self._master)
-        if not self._expected_exit and status is not None:
+        with self._new_line:
+            self._exit_status = status
+            news = self._held and not self._expected_exit
+        if news and status is not None:
             self._on_exit(status)
 
     def send(self, text: str, deadline: Optional[float] = None) -> None:
@@ -290,12 +299,8 @@ class HeldSession:
         regex = re.compile(pattern)
         seen = 0
         with self._new_line:
-            while True:
-                lines = self._lines.lines
-                for line in lines[seen:]:
-                    if regex.search(line):
-                        return
-                seen = len(lines)
+            while not any(regex.search(line) for line in self._lines.lines[seen:]):
+                seen = len(self._lines.lines)
                 if self._closed:
                     raise CommandFailed(
                         f"session ended before it was ready: {self.tail() or 'no output'}"
@@ -307,6 +312,10 @@ class HeldSession:
                         f" {self.tail() or 'no output'}"
                     )
                 self._new_line.wait(remaining)
+            self._held = True
+            gone = None if self._expected_exit else self._exit_status
+        if gone is not None:  # it exited even before its ready line was read here
+            self._on_exit(gone)
 
     def tail(self) -> str:
         return " | ".join(self._recent)
@@ -322,7 +331,8 @@ class HeldSession:
     def finish(self, close_text: str, deadline: float) -> int:
         """Send ``close_text``, end stdin, wait for the exit (killing all it started if it
         lingers); what it leaves running is killed."""
-        self._expected_exit = True
+        with self._new_line:
+            self._expected_exit = True
         if self.running:
             try:
                 self.send(close_text)
@@ -341,7 +351,8 @@ class HeldSession:
         return status
 
     def kill(self) -> None:
-        self._expected_exit = True
+        with self._new_line:
+            self._expected_exit = True
         self._child.end()
         self._input.close()
 

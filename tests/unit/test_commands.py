@@ -205,3 +205,19 @@ def test_what_a_session_is_sent_reaches_it_whole_when_it_reads():
     held.send("y" * MIB + "\n", time.monotonic() + 10)
     assert held.finish("", time.monotonic() + 10) == 0
     assert f"got {MIB + 1}" in held.output()
+
+
+def test_a_session_that_exits_before_it_is_ready_is_never_reported_as_exiting_while_held():
+    # A wrong password: the session ends at once.  Nothing was held, so nothing was released
+    # while frozen: the caller's "ended before it was ready" says it all.  Its drain thread is
+    # let finish before the caller kills it, the order in which the old race reported the exit.
+    exits: list[int] = []
+    held = commands.HeldSession(
+        ["/bin/sh", "-c", "echo denied; exit 1"], None, (), None, exits.append
+    )
+    with pytest.raises(CommandFailed, match="session ended before it was ready: denied"):
+        held.wait_for("^ready$", time.monotonic() + 10)
+    drain = f"session-{held.pid}"
+    assert wait_until(lambda: not any(t.name == drain for t in threading.enumerate()))
+    held.kill()
+    assert exits == []
