@@ -149,14 +149,12 @@ def _interpreter_line(real: str) -> str | None:
     """The ``#!`` line of a file as the kernel reads it, without the ``#!``."""
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    try:
-        head = os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    except OSError:
-        head = b""
-    finally:
-        os.close(fd)
     if not head.startswith(b"#!"):
         return None
     return head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
@@ -274,8 +272,11 @@ class _Checker:
 
     def shell(self, key: str, text: str, depth: int = 0) -> None:
         """Shell text: each simple command is checked as an ``exec`` step's argv would be."""
+        if depth > _MAX_DEPTH:
+            self.refuse(key, "shell text nested too deep to follow")
+            return
         try:
-            commands = simple_commands(text) if depth <= _MAX_DEPTH else []
+            commands = simple_commands(text)
         except ValueError as exc:
             self.refuse(key, f"the shell text cannot be read as sh would ({exc})")
             return

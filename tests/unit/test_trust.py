@@ -350,6 +350,7 @@ def test_a_bare_name_in_shell_text_is_looked_up_in_the_path_in_force(tmp_path):
         ("PATH=/srv/bin:$PATH flush", "PATH is set in the shell text, where the check cannot"),
         ("export LD_PRELOAD=/srv/x.so; true", "LD_PRELOAD is set in the shell text"),
         ("echo 'unclosed", "the shell text cannot be read as sh would (a quote is not closed)"),
+        ("eval eval eval eval eval /srv/app/flush", "shell text nested too deep to follow"),
         (
             "cat <<EOF\nbody\n/srv/app/flush",
             "the shell text cannot be read as sh would (a here-document is not closed)",
