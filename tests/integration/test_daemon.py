@@ -5,9 +5,11 @@ hook log read back.  Runs in a container with systemd as PID 1 (see conftest.py)
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from container import Container
@@ -24,6 +26,8 @@ from helpers import (
     status,
     timestamps,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 THREE_APPS = """
 version: 1
@@ -442,3 +446,80 @@ def test_non_root_cannot_reach_the_socket(installed):
     assert result.returncode == 4, result.stdout  # forbidden, as README and qgafreeze(8) say
     assert "Permission denied" in result.stdout
     assert "FAILED [forbidden]" in result.stdout
+
+
+def _readme_group_recipe() -> tuple[list[str], list[str]]:
+    """The README's steps for letting a group in: the drop-in's settings, then the commands
+    that follow `systemctl edit` (which writes the drop-in and reloads systemd itself)."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    paragraph = readme.split("To let a group in", 1)[1].split("Its members may then ask", 1)[0]
+    settings = re.findall(r"`(\w+=\w+)`", paragraph)
+    commands = re.findall(r"`((?:chmod|systemctl) [^`]+)`", paragraph)
+    assert commands[0] == "systemctl edit qgafreeze.socket", paragraph
+    return settings, commands[1:]
+
+
+def _reload(c: Container) -> None:
+    """systemctl reload (SIGHUP, not waited for), then wait until the daemon says it reloaded."""
+    pid = status(c)["pid"]
+
+    def reloaded() -> int:
+        records = c.journal(SYSLOG_IDENTIFIER="qgafreeze", _PID=str(pid))
+        return sum(r["MESSAGE"].startswith("reloaded") for r in records)
+
+    seen = reloaded()
+    c.run(["systemctl", "reload", "qgafreeze.service"])
+    deadline = time.monotonic() + 10
+    while reloaded() == seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reloaded() > seen
+
+
+def test_the_readmes_recipe_lets_a_group_in_and_a_reload_changes_what_it_may_ask(installed):
+    c = installed
+    c.run("getent group qgft-ops >/dev/null || groupadd qgft-ops")
+    gid = c.run(["getent", "group", "qgft-ops"]).stdout.split(":")[2]
+
+    def member(*args: str) -> tuple[int, str]:
+        result = c.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={gid}", CLI, *args],
+            check=False,
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    settings, commands = (
+        [step.replace("GROUP", "qgft-ops") for step in steps] for steps in _readme_group_recipe()
+    )
+    drop_in = "/etc/systemd/system/qgafreeze.socket.d/override.conf"
+    try:
+        configure(c, "version: 1\nsettings: {allowed_group: qgft-ops}\napps: {}\n")
+        c.write_file(drop_in, "[Socket]\n" + "".join(f"{s}\n" for s in settings))
+        c.run(["systemctl", "daemon-reload"])  # what `systemctl edit` does on saving
+        for command in commands:
+            c.run(command)
+        code, out = member("status")
+        assert code == 0, out
+        assert "state: thawed" in out
+        code, out = member("freeze")
+        assert code == 4 and "[forbidden]" in out, out
+
+        c.write_file(
+            "/etc/qgafreeze.yaml",
+            "version: 1\nsettings: {allowed_group: qgft-ops,"
+            " allowed_group_ops: [ping, status, freeze, thaw]}\napps: {}\n",
+            0o600,
+        )
+        _reload(c)
+        assert member("freeze")[0] == 0
+        assert member("thaw")[0] == 0
+
+        c.write_file("/etc/qgafreeze.yaml", "version: 1\napps: {}\n", 0o600)
+        _reload(c)
+        code, out = member("status")
+        assert code == 4 and "only root may" in out, out
+    finally:
+        c.run(["rm", "-rf", os.path.dirname(drop_in)])
+        c.run(["systemctl", "daemon-reload"])
+        c.run(["chmod", "0700", "/run/qgafreeze"])
+        configure(c, "version: 1\napps: {}\n")
+        c.run(["systemctl", "restart", "qgafreeze.socket"])
