@@ -263,12 +263,24 @@ class SystemdManager:
                 (path,) = self._manager("LoadUnit", "s", (unit,), "o", deadline, unit)
                 state = self._property(path, "FreezerState", deadline, unit)
             except UnitError as exc:
-                failures.append(_freezer_hint(exc.message))
+                if method != "ThawUnit" or not self._unfrozen(unit, deadline):
+                    failures.append(_freezer_hint(exc.message))
                 continue
             if state != wanted:
                 failures.append(f"{unit}: FreezerState is {state!r} after {method}, not {wanted!r}")
         if failures:
             raise UnitError("; ".join(failures))
+
+    def _unfrozen(self, unit: str, deadline: float) -> bool:
+        """Whether a unit whose thaw was refused (UnitInactive; UnitBusy once its cgroup is gone)
+        has nothing paused: stopped or OOM-killed while frozen, it counts as thawed."""
+        try:
+            (path,) = self._manager("LoadUnit", "s", (unit,), "o", deadline, unit)
+            active = self._property(path, "ActiveState", deadline, unit)
+            frozen = self._property(path, "FreezerState", deadline, unit)
+        except UnitError:
+            return False
+        return active in ("inactive", "failed") or frozen == "running"
 
     def _run_jobs(self, method: str, verb: str, units: Sequence[str], deadline: float) -> None:
         """Queue one job per unit (so they run side by side), then wait for all of them."""

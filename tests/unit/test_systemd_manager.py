@@ -154,6 +154,14 @@ class FakeSystemd:
             },
         )
 
+    def set_unit(self, name: str, **properties: str) -> None:
+        """Change properties of a unit, as systemd does when the unit changes state."""
+        path = self._mock.GetUnit(name, dbus_interface=MANAGER_IFACE)
+        unit = self._dbus.Interface(
+            self._bus.get_object("org.freedesktop.systemd1", path), self._mock_iface
+        )
+        unit.UpdateProperties(UNIT_IFACE, properties)
+
     def calls(self, method: str) -> list[tuple[Any, ...]]:
         return [tuple(args) for _when, args in self._mock.GetMethodCalls(method)]
 
@@ -400,6 +408,49 @@ def test_freeze_and_thaw_succeed_when_the_freezer_state_follows(
 
     assert [args[0] for args in systemd.calls("FreezeUnit")] == ["db.service", "web.service"]
     assert [args[0] for args in systemd.calls("ThawUnit")] == ["db.service", "web.service"]
+
+
+def refuse(error: str, message: str) -> str:
+    """A call that systemd refuses with org.freedesktop.systemd1.``error``."""
+    name = f"org.freedesktop.systemd1.{error}"
+    return f"raise dbus.exceptions.DBusException({message!r}, name={name!r})"
+
+
+@pytest.mark.parametrize("after", ["inactive", "failed"])
+def test_thaw_of_a_unit_that_stopped_while_frozen_succeeds(
+    manager: SystemdManager, systemd: FakeSystemd, after: str
+) -> None:
+    # Stopped, or OOM-killed, while frozen: nothing of it is paused any more, and systemd refuses
+    # to thaw an inactive unit.  Refused for ever, the app would stay paused and every later
+    # freeze would be refused.
+    systemd.add_unit("db.service")
+    manager.freeze(["db.service"], soon())
+    systemd.set_unit("db.service", ActiveState=after, SubState="dead")
+    systemd.answer("ThawUnit", "s", "", refuse("UnitInactive", "Unit is not active."))
+
+    manager.thaw(["db.service"], soon())
+
+    assert systemd.calls("ThawUnit") == [("db.service",)]
+
+
+def test_thaw_refused_for_a_unit_no_longer_frozen_succeeds(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.answer("ThawUnit", "s", "", refuse("UnitBusy", "Unit has no cgroup."))
+
+    manager.thaw(["db.service"], soon())
+
+
+def test_thaw_refused_for_a_unit_still_frozen_is_a_unit_error(
+    manager: SystemdManager, systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    manager.freeze(["db.service"], soon())
+    systemd.answer("ThawUnit", "s", "", refuse("UnitBusy", "Unit is busy."))
+
+    with pytest.raises(UnitError, match=r"^db\.service: ThawUnit refused: Unit is busy\.$"):
+        manager.thaw(["db.service"], soon())
 
 
 def test_freeze_that_leaves_the_unit_running_is_a_unit_error(
