@@ -120,6 +120,8 @@ def _step(problems: Problems, path: str, raw: Any) -> Step | None:
         if not isinstance(text, str) or not text.strip():
             problems.add(f"{path}.shell", f"expected a command line, got {fields.kind(text)}")
             text = ""
+        elif not fields.no_nul(problems, f"{path}.shell", text):
+            text = ""
         argv: tuple[str, ...] = ("/bin/sh", "-c", text)
     else:
         argv = fields.argv(problems, f"{path}.exec", raw["exec"])

@@ -74,7 +74,7 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
         if value is None or (value is False and null_ok):
             return None
         if isinstance(value, str) and value.startswith("/") and not (file and value.endswith("/")):
-            return value
+            return value if fields.no_nul(problems, f"settings.{name}", value) else None
         problems.add(f"settings.{name}", f"expected {expected}, got {fields.kind(value)}")
         return None
 

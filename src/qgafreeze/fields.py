@@ -104,6 +104,14 @@ def string_list(problems: Problems, path: str, value: Any) -> list[tuple[str, st
     return items
 
 
+def no_nul(problems: Problems, path: str, text: str) -> bool:
+    """Whether ``text`` is free of NUL bytes, which no path, argument or environment can hold
+    (os.stat and exec raise on them); if not, says so at ``path``."""
+    if "\0" in text:
+        problems.add(path, "contains a NUL byte, which no path, argument or environment can hold")
+    return "\0" not in text
+
+
 def kind(value: Any) -> str:
     if value is None:
         return "nothing"
@@ -132,7 +140,7 @@ def env(problems: Problems, path: str, value: Any) -> tuple[tuple[str, str], ...
             problems.add(join_path(path, key), "not a valid environment variable name")
         elif isinstance(item, bool) or not isinstance(item, (str, int, float)):
             problems.add(join_path(path, key), f"expected a string, got {kind(item)}")
-        else:
+        elif no_nul(problems, join_path(path, key), str(item)):
             pairs.append((key, str(item)))
     return tuple(pairs)
 
@@ -150,7 +158,7 @@ def cwd(problems: Problems, path: str, value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str) and value.startswith("/"):
-        return value
+        return value if no_nul(problems, path, value) else None
     problems.add(path, f"expected an absolute directory, got {kind(value)}")
     return None
 
@@ -163,7 +171,7 @@ def argv(problems: Problems, path: str, value: Any) -> tuple[str, ...]:
     for index, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
             problems.add(f"{path}[{index}]", f"expected a string, got {kind(item)}")
-        else:
+        elif no_nul(problems, f"{path}[{index}]", str(item)):
             items.append(str(item))
     return tuple(items)
 

@@ -289,3 +289,25 @@ def test_allowed_group_must_read_as_a_group_name(value, got):
     assert problems(f"settings: {{allowed_group: {value}}}\n") == [
         f"settings.allowed_group: expected a group name, got {got}"
     ]
+
+
+def test_a_nul_byte_is_refused_with_its_place_where_it_would_reach_the_system(tmp_path):
+    # os.stat and exec raise ValueError on a NUL byte: qgafreeze check printed a traceback.
+    text = (
+        'settings: {legacy_hooks: "/etc/hooks\\0", hook_log: "/var/log/x\\0"}\n'
+        "apps:\n  a:\n"
+        '    session: {argv: [/bin/cat, "a\\0"], ready: x, cwd: "/\\0", env: {X: "\\0"}}\n'
+        '    freeze: [{exec: ["/bin/true\\0"]}, {shell: "true\\0"}]\n'
+    )
+    nul = "contains a NUL byte, which no path, argument or environment can hold"
+    with pytest.raises(ConfigError) as caught:
+        load_file(write_config(tmp_path, text))
+    assert caught.value.problems == [
+        f"settings.legacy_hooks: {nul}",
+        f"settings.hook_log: {nul}",
+        f"apps.a.session.argv[1]: {nul}",
+        f"apps.a.session.env.X: {nul}",
+        f"apps.a.session.cwd: {nul}",
+        f"apps.a.freeze[0].exec[0]: {nul}",
+        f"apps.a.freeze[1].shell: {nul}",
+    ]
