@@ -101,11 +101,11 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
     )
 
 
-def _ops(problems: Problems, path: str, value: Any) -> list[str]:
+def _ops(problems: Problems, path: str, value: Any) -> tuple[str, ...]:
     """A list of request ops, each once (``[]``: the group may not even ping)."""
     if not isinstance(value, list):
         problems.add(path, f"expected a list of {', '.join(OPS)}, got {fields.kind(value)}")
-        return []
+        return ()
     ops: list[str] = []
     for index, op in enumerate(value):
         if op not in OPS:
@@ -116,7 +116,7 @@ def _ops(problems: Problems, path: str, value: Any) -> list[str]:
             problems.add(f"{path}[{index}]", f"{op!r} is listed twice")
         else:
             ops.append(op)
-    return ops
+    return tuple(ops)
 
 
 def find_cycle(graph: dict[str, tuple[str, ...]]) -> list[str] | None:

@@ -96,8 +96,8 @@ class Settings:
     # Its members may use the socket too; None: root only.  A name, resolved where it is used
     # (trust.resolve_group), so that parsing a config never depends on the host's groups.
     allowed_group: str | None
-    # What they may ask (protocol.OPS).  A list, as the schema's default reads.
-    allowed_group_ops: list[str]
+    # What they may ask (protocol.OPS).
+    allowed_group_ops: tuple[str, ...]
 
 
 @dataclass(frozen=True)

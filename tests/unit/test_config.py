@@ -311,3 +311,8 @@ def test_a_nul_byte_is_refused_with_its_place_where_it_would_reach_the_system(tm
         f"apps.a.freeze[0].exec[0]: {nul}",
         f"apps.a.freeze[1].shell: {nul}",
     ]
+
+
+def test_the_settings_are_frozen_through_and_through_like_the_rest_of_the_config():
+    settings = parse_text("settings: {allowed_group_ops: [ping]}\n").settings
+    assert hash(settings) == hash(parse_text("settings: {allowed_group_ops: [ping]}\n").settings)

@@ -104,6 +104,8 @@ def test_settings_are_the_schemas_settings_with_its_defaults():
         value = getattr(settings, key.name)
         if key.type == "duration":
             assert value == parse_duration(key.value), key.name
+        elif isinstance(key.value, list):
+            assert value == tuple(key.value), key.name
         else:
             assert value == key.value, key.name
 
