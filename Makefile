@@ -136,15 +136,26 @@ unitdir:
 	@echo "$(UNITDIR)"
 
 # Unit files an older install left in $(OLD_UNITDIR), recognised by their first line: they would
-# shadow the new ones, and an administrator's own override there is not ours to remove.
+# shadow the new ones, and an administrator's own override there is not ours to remove.  They are
+# disabled first, and the links that enabled them go with them: a link left pointing at nothing
+# makes older systemctl refuse to enable the new unit.
 define remove_old_units
-for u in $(UNITS); do \
-	f="$(DESTDIR)$(OLD_UNITDIR)/$$u"; \
-	if [ "$(OLD_UNITDIR)" != "$(UNITDIR)" ] && [ -f "$$f" ] && \
-			head -n1 "$$f" | grep -q "^# $$u: "; then \
-		rm -f "$$f"; echo "removed $$f (left by an older install)"; \
-	fi; \
-done
+if [ "$(OLD_UNITDIR)" != "$(UNITDIR)" ]; then \
+	for u in $(UNITS); do \
+		f="$(DESTDIR)$(OLD_UNITDIR)/$$u"; \
+		if [ -f "$$f" ] && head -n1 "$$f" | grep -q "^# $$u: "; then \
+			if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+				systemctl disable "$$u" >/dev/null 2>&1 || true; \
+			fi; \
+			rm -f "$$f"; echo "removed $$f (left by an older install)"; \
+		fi; \
+		for l in "$(DESTDIR)$(OLD_UNITDIR)"/*.wants/"$$u" "$(DESTDIR)$(OLD_UNITDIR)"/*.requires/"$$u"; do \
+			if [ -L "$$l" ] && [ ! -e "$$f" ] && [ "$$(readlink "$$l")" = "$(OLD_UNITDIR)/$$u" ]; then \
+				rm -f "$$l"; echo "removed $$l (it enabled the old unit)"; \
+			fi; \
+		done; \
+	done; \
+fi
 endef
 
 # Wrappers run the distribution's Python isolated (-I: no PYTHONPATH, no user site, no script

@@ -18,6 +18,7 @@ PACKAGE = f"{LIB}/qgafreeze"
 CLI = "usr/bin/qgafreeze"
 SHIM = "usr/libexec/qgafreeze/fsfreeze-hook"
 OLD_UNITS = ("etc/systemd/system/qgafreeze.service", "etc/systemd/system/qgafreeze.socket")
+OLD_WANTS = "etc/systemd/system/sockets.target.wants/qgafreeze.socket"
 CONFIG = "etc/qgafreeze.yaml"
 DOCS = "usr/share/doc/qgafreeze"
 
@@ -296,12 +297,14 @@ def test_install_removes_units_an_older_install_left_in_etc_but_not_an_admins_ov
     old_service.parent.mkdir(parents=True)
     old_service.write_text("# qgafreeze.service: what an older make install wrote\n")
     old_socket.write_text("# the administrator's own full override\n[Socket]\n")
+    link = enable_old_socket(tmp_path)
 
     result = make("install", tmp_path)
 
     assert not old_service.exists()
     assert f"removed {old_service} (left by an older install)" in result.stdout
     assert old_socket.read_text().startswith("# the administrator's own")
+    assert os.readlink(link) == f"/{OLD_UNITS[1]}"  # still enables the override
     assert all((tmp_path / unit).is_file() for unit in UNITS)
 
 
@@ -310,10 +313,39 @@ def test_uninstall_also_removes_units_an_older_install_left_in_etc(tmp_path: Pat
     for unit in OLD_UNITS:
         (tmp_path / unit).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / unit).write_text(f"# {Path(unit).name}: from an older install\n")
+    enable_old_socket(tmp_path)
 
     make("uninstall", tmp_path)
 
     assert files_under(tmp_path) == [CONFIG]
+
+
+def enable_old_socket(destdir: Path) -> Path:
+    """The link `systemctl enable` made to an older install's socket unit in /etc."""
+    link = destdir / OLD_WANTS
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(f"/{OLD_UNITS[1]}")
+    return link
+
+
+def test_install_removes_the_links_that_enabled_the_units_it_removes_from_etc(
+    tmp_path: Path,
+) -> None:
+    # Left pointing at nothing, they make older systemctl refuse to enable the new units.
+    old_socket = tmp_path / OLD_UNITS[1]
+    old_socket.parent.mkdir(parents=True)
+    old_socket.write_text("# qgafreeze.socket: what an older make install wrote\n")
+    link = enable_old_socket(tmp_path)
+    # An earlier install removed the unit but left its link: dangling now.
+    service_link = tmp_path / "etc/systemd/system/multi-user.target.wants/qgafreeze.service"
+    service_link.parent.mkdir(parents=True)
+    service_link.symlink_to(f"/{OLD_UNITS[0]}")
+
+    make("install", tmp_path)
+
+    assert not old_socket.exists()
+    assert not os.path.lexists(link)
+    assert not os.path.lexists(service_link)
 
 
 def test_prefix_reaches_wrappers_and_units(tmp_path: Path) -> None:
