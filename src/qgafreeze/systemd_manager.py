@@ -66,9 +66,20 @@ class SystemdManager:
         self._thread.start()
         if not subscribed.wait(connect_timeout):
             raise BusError("the D-Bus signal loop did not start")
-        self._learn_owner(_deadline(connect_timeout))
-        # Without Subscribe, systemd does not emit JobRemoved to us.
-        self._manager("Subscribe", "", (), "", _deadline(connect_timeout))
+        try:
+            self._learn_owner(_deadline(connect_timeout))
+            # Without Subscribe, systemd does not emit JobRemoved to us.
+            self._manager("Subscribe", "", (), "", _deadline(connect_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the signal loop and close the connection; calls fail with BusError after this.
+        The daemon keeps its manager for life; a short-lived one must leave nothing behind."""
+        self._loop.quit()
+        self._thread.join(5)
+        self._con.close_sync(None)
 
     def _run_loop(self, subscribed: threading.Event) -> None:
         # Signals are dispatched in the main context that is thread-default when subscribing.

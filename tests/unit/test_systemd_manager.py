@@ -266,8 +266,14 @@ def systemd(mock_bus: tuple[str, FakeSystemd]) -> FakeSystemd:
 @pytest.fixture
 def manager(
     systemd_manager: ModuleType, mock_bus: tuple[str, FakeSystemd], systemd: FakeSystemd
-) -> SystemdManager:
-    return systemd_manager.SystemdManager(address=mock_bus[0])
+) -> Iterator[SystemdManager]:
+    made = systemd_manager.SystemdManager(address=mock_bus[0])
+    yield made
+    made.close()
+
+
+def signal_loops() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "qgafreeze-dbus"]
 
 
 def soon(seconds: float = 5.0) -> float:
@@ -395,6 +401,21 @@ def test_unreachable_bus_address_is_a_bus_error(
 ) -> None:
     with pytest.raises(BusError, match="cannot connect to the system bus at unix:path="):
         systemd_manager.SystemdManager(address=f"unix:path={tmp_path}/no-bus-here")
+
+
+def test_a_closed_manager_leaves_no_thread_behind_and_its_calls_are_bus_errors(
+    systemd_manager: ModuleType, mock_bus: tuple[str, FakeSystemd], systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    before = signal_loops()
+    manager = systemd_manager.SystemdManager(address=mock_bus[0])
+    assert len(signal_loops()) == len(before) + 1
+
+    manager.close()
+
+    assert signal_loops() == before
+    with pytest.raises(BusError, match="connection is closed"):
+        manager.unit_state("db.service", soon())
 
 
 def test_freeze_and_thaw_succeed_when_the_freezer_state_follows(
