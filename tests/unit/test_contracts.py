@@ -44,6 +44,18 @@ def test_readme_and_help_state_the_exit_statuses_of_the_one_table():
     readme = _one_line((REPO / "README.md").read_text())
     assert f"Exit statuses of `qgafreeze` and of the hook: {listed}." in readme
     assert cli.exit_statuses_text() == f"exit statuses: {listed}"
+    assert f"exit statuses: {listed}" in _one_line(cli._parser().format_help())
+
+
+def test_design_docs_error_table_gives_each_code_the_exit_status_it_has():
+    design = (REPO / "docs" / "design.md").read_text()
+    table = design.split("| code | exit | meaning |\n| --- | --- | --- |\n", 1)[1]
+    rows = re.findall(r"^\| (`[^|]+`) \| (\d+) \|", table.split("\n\n", 1)[0], flags=re.M)
+    documented = {
+        code: int(status) for codes, status in rows for code in re.findall(r"`([^`]+)`", codes)
+    }
+    assert sorted(documented) == errors.all_codes()
+    assert documented == {code: errors.exit_status(code) for code in documented}
 
 
 def test_design_doc_lists_every_error_code_and_every_message_id():

@@ -31,15 +31,23 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     raise AssertionError("no subcommands")
 
 
+def option_words(text: str) -> set[str]:
+    """Every option the troff text names, as whole words: "-c" is not found in "--config"."""
+    text = re.sub(r"\\f[BIRP]", " ", text)  # font changes glue words together: \fP--config
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text))
+
+
 def test_every_command_and_option_of_the_cli_is_in_the_man_page():
     page = sections(PAGE)
+    described = option_words(page["OPTIONS"])
     for name, sub in subcommands().items():
         assert f".B {name}\n" in page["COMMANDS"], f"command {name} is not described"
         for action in sub._actions:
             for option in action.option_strings:
-                assert option in page["OPTIONS"], f"{name} {option} is not described"
+                assert option in described, f"{name} {option} is not described"
     for option in ("--version", "--config", "-c"):
-        assert option in page["OPTIONS"]
+        assert option in described
+    assert option_words(".BI --config FILE") == {"--config"}  # no "-c" in it
 
 
 def test_the_man_page_lists_the_exit_statuses_of_the_one_table():

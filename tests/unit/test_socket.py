@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -615,3 +616,35 @@ def test_a_peers_groups_are_those_it_connected_with_not_what_proc_says_later(gro
     keep_w.close()
 
     assert reply["ok"] is True, reply
+
+
+@needs_root
+def test_a_peer_with_more_groups_than_the_kernel_hands_over_is_not_let_in_by_them(group_server):
+    # SO_PEERGROUPS answers ERANGE past 256 groups: rather than guess from /proc, the peer's
+    # supplementary groups then count for nothing (its primary one still would).
+    group_server.start()
+    many = (PEER_GROUP, *range(20000, 20300))
+
+    seen = _as_nobody(lambda: shim.request("ping", group_server.path), groups=many)
+
+    assert seen["error"]["code"] == "forbidden", seen
+    assert _as_nobody(lambda: shim.request("ping", group_server.path))["ok"] is True
+
+
+@needs_root
+def test_without_so_peergroups_groups_come_from_proc_and_that_is_logged_once(group_server):
+    server, problems = group_server.server, group_server.problems
+    member = subprocess.Popen(["sleep", "30"], user=65534, group=65534, extra_groups=[PEER_GROUP])
+    try:
+        peer = Peer(pid=member.pid, uid=65534, gid=65534, groups=None)  # a kernel before 4.13
+        granted = ("ping", "status")
+
+        assert server.ops_for(peer, PEER_GROUP, granted) == granted
+        assert server.ops_for(peer, PEER_GROUP, granted) == granted
+        said = [m for m in problems.messages if "SO_PEERGROUPS" in m]
+        assert len(said) == 1, problems.messages
+        # Groups the kernel could not hand over (()) are never looked up in /proc instead.
+        assert server.ops_for(Peer(member.pid, 65534, 65534, groups=()), PEER_GROUP, granted) == ()
+    finally:
+        member.kill()
+        member.wait()
