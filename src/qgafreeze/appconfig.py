@@ -187,8 +187,7 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         on_failure = _default(schema.APP, "on_failure")
 
     depends_on = []
-    raw_deps = raw.get("depends_on", _default(schema.APP, "depends_on"))
-    for item_path, dep in fields.string_list(problems, f"{path}.depends_on", raw_deps):
+    for item_path, dep in fields.string_list(problems, f"{path}.depends_on", raw.get("depends_on")):
         if dep in depends_on:
             problems.add(item_path, f"{dep!r} is listed twice")
         else:
@@ -199,7 +198,10 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         units=units,
         depends_on=tuple(depends_on),
         timeout=fields.duration(
-            problems, f"{path}.timeout", raw.get("timeout"), _timeout_default()
+            problems,
+            f"{path}.timeout",
+            raw.get("timeout"),
+            fields.parse_duration(_default(schema.APP, "timeout")),
         ),
         on_failure=on_failure,
         mode=mode,
@@ -208,10 +210,6 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         thaw=thaw,
         preset=raw.get("preset") if isinstance(raw.get("preset"), str) else None,
     )
-
-
-def _timeout_default() -> float:
-    return fields.parse_duration(_default(schema.APP, "timeout"))
 
 
 def legacy_app(directory: str, timeout: float) -> App:

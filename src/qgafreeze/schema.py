@@ -8,7 +8,8 @@ hold the example config, the validator and both documents to it.  After a change
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -35,11 +36,18 @@ class Key:
     description: str  # one line
     default: str | None = None  # YAML text, as an administrator would write it; None: no default
     choices: tuple[str, ...] = ()
+    _value: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Read once: the parser asks for several defaults of every app it loads.
+        value = None if self.default is None else yaml.safe_load(self.default)
+        object.__setattr__(self, "_value", value)
 
     @property
     def value(self) -> Any:
-        """The default as the validator receives it: read as YAML, like the administrator's."""
-        return None if self.default is None else yaml.safe_load(self.default)
+        """The default as the validator receives it: read as YAML, like the administrator's (a
+        list afresh each time, so that no caller can change the default for the next)."""
+        return copy.copy(self._value)
 
 
 @dataclass(frozen=True)
