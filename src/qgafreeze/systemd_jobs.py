@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .errors import ActionTimeout
 
@@ -86,6 +86,11 @@ class JobBook:
                 if not self._creating:
                     self._early.clear()
 
+    def __len__(self) -> int:
+        """How many jobs are ours now: created, and not yet waited for or forgotten."""
+        with self._lock:
+            return len(self._ours)
+
     def wait(self, jobs: dict[str, str], deadline: float, verb: str) -> dict[str, str]:
         """The results of ``jobs`` (job path -> unit), which ``create`` made."""
         results: dict[str, str] = {}
@@ -111,8 +116,13 @@ class JobBook:
                     raise ActionTimeout(f"{pending}: {verb} did not finish in time")
                 wake.wait(remaining)
         finally:
-            with self._lock:
-                for job in jobs:
-                    self._ours.pop(job, None)  # its result, or a late one, is nobody's now
-                    if self._waiting.get(job) is wake:
-                        del self._waiting[job]
+            self.forget(jobs, wake)
+
+    def forget(self, jobs: Iterable[str], wake: threading.Event | None = None) -> None:
+        """Jobs ``create`` made that nobody waits for any more (``wake``: the one who did): their
+        results, or late ones, are nobody's now."""
+        with self._lock:
+            for job in jobs:
+                self._ours.pop(job, None)
+                if wake is not None and self._waiting.get(job) is wake:
+                    del self._waiting[job]

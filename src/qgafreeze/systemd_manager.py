@@ -46,7 +46,9 @@ _NOT_FOUND_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.sys
 class SystemdManager:
     """``units.UnitManager`` over D-Bus; errors are qgafreeze errors, never GLib.Error."""
 
-    def __init__(self, address: str | None = None, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: str | None = None, connect_timeout: float = 10.0, jobs: JobBook | None = None
+    ) -> None:
         address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
         try:
             self._bus = pydbus.connect(address)
@@ -56,7 +58,7 @@ class SystemdManager:
             ) from None
         self._con: Gio.DBusConnection = self._bus.con
         self._in_flight = threading.BoundedSemaphore(MAX_CALLS_IN_FLIGHT)
-        self._jobs = JobBook()
+        self._jobs = JobBook() if jobs is None else jobs
         self._context = GLib.MainContext.new()
         self._loop = GLib.MainLoop.new(self._context, False)
         subscribed = threading.Event()
@@ -194,13 +196,17 @@ class SystemdManager:
         """Queue one job per unit (so they run side by side), then wait for all of them."""
         jobs: dict[str, str] = {}
         failures: list[str] = []
-        for unit in units:
-            try:
-                job = self._start_job(method, "ss", (unit, JOB_MODE), deadline, unit)
-            except UnitError as exc:
-                failures.append(str(exc))
-                continue
-            jobs[job] = unit
+        try:
+            for unit in units:
+                try:
+                    job = self._start_job(method, "ss", (unit, JOB_MODE), deadline, unit)
+                except UnitError as exc:
+                    failures.append(str(exc))
+                    continue
+                jobs[job] = unit
+        except BaseException:  # a timeout, the bus gone: the jobs made are waited for by nobody
+            self._jobs.forget(jobs)
+            raise
         results = self._jobs.wait(jobs, deadline, verb)
         for job, unit in jobs.items():
             if results[job] != "done":

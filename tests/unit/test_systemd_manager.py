@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qgafreeze.errors import ActionTimeout, BusError, UnitError, UnitNotFound
+from qgafreeze.systemd_jobs import JobBook
 from qgafreeze.units import UnitState
 
 if TYPE_CHECKING:  # imported by the fixture below, once pydbus is known to be there
@@ -342,6 +343,24 @@ def test_job_that_never_ends_is_a_timeout_at_the_callers_deadline(
         manager.stop(["db.service"], started + 0.3)
 
     assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_jobs_created_before_a_call_that_times_out_are_not_kept_for_ever(
+    systemd_manager: ModuleType, mock_bus: tuple[str, FakeSystemd], systemd: FakeSystemd
+) -> None:
+    systemd.add_unit("db.service")
+    systemd.add_unit("web.service")
+    slow_web = "if args[0] == 'web.service':\n    time.sleep(0.5)\n"
+    systemd.answer("StopUnit", "ss", "o", slow_web + job_that_ends_with(None))
+    jobs = JobBook()
+    manager = systemd_manager.SystemdManager(address=mock_bus[0], jobs=jobs)
+    try:
+        with pytest.raises(ActionTimeout, match="did not answer StopUnit in time"):
+            manager.stop(["db.service", "web.service"], soon(0.2))
+        # db.service's job was created, and nobody will ever wait for it.
+        assert len(jobs) == 0
+    finally:
+        manager.close()
 
 
 def test_call_that_systemd_does_not_answer_by_the_deadline_is_a_timeout(
