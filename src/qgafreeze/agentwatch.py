@@ -19,7 +19,7 @@ import struct
 import threading
 from typing import Callable
 
-THAW_HOOK_GRACE = 10.0  # seconds between qemu-ga removing the file and its thaw hook arriving
+from .model import THAW_HOOK_GRACE
 
 _IN_MOVED_FROM = 0x00000040
 _IN_DELETE = 0x00000200

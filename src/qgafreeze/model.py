@@ -20,6 +20,10 @@ WHOM = ("all", "main", "control")  # systemd's KillUnit: which of a unit's proce
 # settings.allowed_group_ops grants more: nothing that changes the state of the apps.
 ALLOWED_GROUP_OPS = ("ping", "status")
 
+# Seconds between qemu-ga removing its frozen flag (settings.agent_state_file) and its thaw hook
+# arriving: the daemon (agentwatch) waits this long before it resumes every app itself.
+THAW_HOOK_GRACE = 10.0
+
 # The app made from settings.legacy_hooks; no declared app may take its name.
 LEGACY_APP = "legacy-hooks"
 

@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from . import paths
-from .agentwatch import THAW_HOOK_GRACE
 from .model import (
     ALLOWED_GROUP_OPS,
     CONFIG_VERSION,
@@ -23,6 +22,7 @@ from .model import (
     MODES,
     ON_FAILURE_CHOICES,
     SIGNALS,
+    THAW_HOOK_GRACE,
     WHOM,
 )
 from .presets import PRESETS
