@@ -187,19 +187,29 @@ class Leftover:
             return self._lines.finish()
 
 
+# Unlike the stock chain, which leaves them be: a thaw script's leftovers live in the daemon's
+# cgroup, which systemd ends at any restart of the daemon anyway.
+_THAW_LEFTOVER = (
+    "; what a thaw script leaves running is ended: long-running processes must be started"
+    " through systemd (systemctl start, systemd-run)"
+)
+
+
 def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_GRACE) -> list[str]:
     """End what the scripts left running: ``grace`` seconds to end by itself (bounded by
     ``deadline``), then SIGTERM to every process left in its cgroup, then SIGKILL.  Returns, per
     leftover, a line saying which script left which processes and how they ended, then their
-    output."""
+    output (for a thaw script's, that it must start what is to last through systemd)."""
     waited_until = min(time.monotonic() + grace, deadline)
     how = {id(left): "ended by itself" for left in leftovers}
     while any(left.members() for left in leftovers) and time.monotonic() < waited_until:
         time.sleep(commands.POLL)
+    signalled: set[int] = set()
     for signum in (signal.SIGTERM, signal.SIGKILL):
         running = [left for left in leftovers if left.members()]
         for left in running:
             left.signal(signum)
+            signalled.add(id(left))
             how[id(left)] = (
                 f"still running {grace:g}s after the thaw scripts: ended with"
                 f" {signal.Signals(signum).name}"
@@ -211,6 +221,8 @@ def settle(leftovers: list[Leftover], deadline: float, grace: float = LEFTOVER_G
     for left in leftovers:
         if left.members():  # not even SIGKILL: stuck in the kernel (D state)
             how[id(left)] += ", but is still there"
+        if left.phase == "thaw" and id(left) in signalled:
+            how[id(left)] += _THAW_LEFTOVER
         lines.append(f"{left.script} {left.phase} left {left.named()} running: " + how[id(left)])
         lines.extend(left.output())
     return lines

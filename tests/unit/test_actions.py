@@ -445,6 +445,28 @@ def test_what_a_legacy_script_left_running_is_ended_after_the_thaw_scripts_and_a
     assert ended["20-stubborn"].endswith("ended with SIGKILL"), ended
 
 
+def test_what_a_thaw_script_left_running_is_ended_and_the_log_says_to_start_it_through_systemd(
+    tmp_path,
+):
+    # A thaw script that restarts an app in the background: the stock chain would leave it be.
+    # Here it lives in the daemon's cgroup, which systemd ends at any restart of the daemon
+    # anyway; it is ended after the grace, and the log says how to start it so that it lasts.
+    hooks = tmp_path / "hook.d"
+    hooks.mkdir()
+    marker = f"qgft-thaw-leftover-{os.getpid()}"
+    sleeper = f"/usr/bin/python3 -c 'import time; time.sleep(100)' {marker}"
+    write_script(hooks, "10-restart", f'[ "$1" = thaw ] && {sleeper} &\ntrue')
+    engine, _ = engine_for({}, legacy_hooks=str(hooks))
+    assert engine.freeze().ok
+    report, took = timed(engine.thaw)
+    assert report.ok, report.error
+    assert not processes_with(marker)
+    assert LEFTOVER_GRACE <= took < LEFTOVER_GRACE + 10
+    (ended,) = (line for line in report.apps[0].output if " thaw left pid" in line)
+    assert "ended with SIGTERM" in ended, ended
+    assert "must be started through systemd (systemctl start, systemd-run)" in ended, ended
+
+
 def test_a_legacy_script_that_leaves_a_process_and_fails_still_fails_the_app(tmp_path):
     hooks = tmp_path / "hook.d"
     hooks.mkdir()
