@@ -47,13 +47,9 @@ class AgentFlagWatch:
         threading.Thread(target=self._read_events, name="agent-watch", daemon=True).start()
 
     def retarget(self, path: str) -> None:
-        """Watch ``path`` from the next ``arm`` on (a reload changed agent_state_file)."""
+        """Watch ``path`` from the next ``arm`` on (a reload changed agent_state_file).  Only
+        while disarmed, when no directory is watched."""
         with self._lock:
-            if self._wd >= 0:
-                self._libc.inotify_rm_watch(self._fd, self._wd)
-                self._wd = -1
-            self._cycle = ""
-            self._cancel.set()
             self._directory, self._name = os.path.split(path)
 
     def arm(self, cycle: str) -> None:

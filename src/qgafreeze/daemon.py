@@ -92,15 +92,16 @@ class Daemon:
         # Set when the config could not be used at start-up: we still serve, so that qemu-ga's
         # hook gets this explanation at once instead of a socket that never answers.
         self._config_error = config_error
-        self._watch: AgentFlagWatch | None = None
-        self._watcher: AgentFlagWatch | None = None  # created once; _watch is it, or None
+        # One inotify instance and reader thread for the daemon's life, re-pointed on reload.
+        self._watcher: AgentFlagWatch | None = None
+        self._watching = False  # False: agent_state_file is null, or the watcher failed
         self.server: Server | None = None  # set once built; reload updates who may ask
 
     def watch_agent(self, path: str | None) -> None:
         """Watch qemu-ga's frozen flag at ``path`` (None: stop watching); only between cycles."""
-        if self._watch is not None:
-            self._watch.disarm()
-            self._watch = None
+        self._watching = False
+        if self._watcher is not None:
+            self._watcher.disarm()
         if path is None:
             return
         directory = os.path.dirname(path)
@@ -110,15 +111,15 @@ class Daemon:
                 " of zero filesystems goes unnoticed (is qemu-ga's state directory elsewhere?)",
                 PRIORITY_WARNING,
             )
-        # One inotify instance and reader thread for the daemon's life, re-pointed on reload.
-        if self._watcher is None:
+        if self._watcher is not None:
+            self._watcher.retarget(path)
+        else:
             try:
                 self._watcher = AgentFlagWatch(path, self.agent_left_frozen_state)
             except OSError as exc:  # out of inotify instances: a safety net less, not a failure
                 self._log.problem(f"qemu-ga's frozen flag is not watched: {exc.strerror or exc}")
                 return
-        self._watcher.retarget(path)
-        self._watch = self._watcher
+        self._watching = True
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class Daemon:
             report = engine.freeze() if op == "freeze" else engine.thaw()
         finally:
             notify(f"STATUS={self._status_line()}")
-        watch = self._watch  # read once: a reload may drop it meanwhile
+        watch = self._watcher if self._watching else None  # once: a reload may change it
         if watch is not None:
             # Armed before the reply goes out, so qemu-ga cannot create and remove its flag
             # file before we watch it.  Only a safety net: a watch that cannot be set must not

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from . import protocol
-from .errors import Busy, Forbidden, InternalError, ProtocolError, QgafreezeError
+from .errors import Busy, Forbidden, InternalError, QgafreezeError
 from .model import ALLOWED_GROUP_OPS
 from .trust import check_file_permissions
 
@@ -308,9 +308,7 @@ class Server:
             reply = self._handler(
                 request, peer, lambda message: _send_quietly(conn, _shown_to(peer, message))
             )
-        except (ProtocolError, Forbidden) as exc:
-            reply = protocol.error_reply(op, exc.code, exc.message)
-        except QgafreezeError as exc:
+        except QgafreezeError as exc:  # Forbidden, ProtocolError, and the handler's own
             reply = protocol.error_reply(op, exc.code, exc.message)
         except Exception as exc:  # never let one request take the daemon down
             self._problems.problem(

@@ -82,6 +82,8 @@ def test_the_socket_unit_listens_where_the_hook_and_the_cli_connect():
     unit = (REPO / "systemd" / "qgafreeze.socket").read_text()
     assert re.findall(r"^ListenStream=(.*)$", unit, flags=re.M) == [paths.SOCKET]
     assert shim.socket_path(None) in (paths.SOCKET, os.environ.get(paths.SOCKET_ENV))
+
+
 def test_no_module_is_over_400_lines_and_no_class_over_250():
     # Rooms of one job each: past these sizes a module or class has grown a second job.
     too_big = []

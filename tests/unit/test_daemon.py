@@ -30,9 +30,7 @@ class Journal:
 
     def messages(self, priority: int | None = None) -> list[str]:
         return [
-            r["MESSAGE"]
-            for r in self.records
-            if priority is None or r["PRIORITY"] == str(priority)
+            r["MESSAGE"] for r in self.records if priority is None or r["PRIORITY"] == str(priority)
         ]
 
 

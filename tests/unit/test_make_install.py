@@ -84,7 +84,11 @@ def unit_dir() -> str:
     return result.stdout.strip()
 
 
-UNITS = tuple(f"{unit_dir().lstrip('/')}/{n}" for n in ("qgafreeze.service", "qgafreeze.socket"))
+@pytest.fixture(scope="module")
+def units() -> tuple[str, str]:
+    """The installed units' paths under DESTDIR (asked of make once, when a test needs them)."""
+    where = unit_dir().lstrip("/")
+    return (f"{where}/qgafreeze.service", f"{where}/qgafreeze.socket")
 
 
 def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
@@ -189,10 +193,12 @@ def test_installed_wrappers_start_without_a_traceback(
     assert files_under(destdir) == before
 
 
-def test_units_name_the_installed_bindir(installed: tuple[Path, str]) -> None:
+def test_units_name_the_installed_bindir(
+    installed: tuple[Path, str], units: tuple[str, str]
+) -> None:
     destdir, _ = installed
 
-    for unit in UNITS:
+    for unit in units:
         source = (REPO / "systemd" / Path(unit).name).read_text()
         text = (destdir / unit).read_text()
         assert "@BINDIR@" not in text
@@ -291,7 +297,7 @@ def test_units_go_where_the_distribution_keeps_its_units_not_in_etc() -> None:
 
 
 def test_install_removes_units_an_older_install_left_in_etc_but_not_an_admins_override(
-    tmp_path: Path,
+    tmp_path: Path, units: tuple[str, str]
 ) -> None:
     old_service, old_socket = (tmp_path / unit for unit in OLD_UNITS)
     old_service.parent.mkdir(parents=True)
@@ -305,7 +311,7 @@ def test_install_removes_units_an_older_install_left_in_etc_but_not_an_admins_ov
     assert f"removed {old_service} (left by an older install)" in result.stdout
     assert old_socket.read_text().startswith("# the administrator's own")
     assert os.readlink(link) == f"/{OLD_UNITS[1]}"  # still enables the override
-    assert all((tmp_path / unit).is_file() for unit in UNITS)
+    assert all((tmp_path / unit).is_file() for unit in units)
 
 
 def test_uninstall_also_removes_units_an_older_install_left_in_etc(tmp_path: Path) -> None:
@@ -348,14 +354,14 @@ def test_install_removes_the_links_that_enabled_the_units_it_removes_from_etc(
     assert not os.path.lexists(service_link)
 
 
-def test_prefix_reaches_wrappers_and_units(tmp_path: Path) -> None:
+def test_prefix_reaches_wrappers_and_units(tmp_path: Path, units: tuple[str, str]) -> None:
     make("install", tmp_path, prefix="/usr/local")
 
     wrapper = (tmp_path / "usr/local/bin/qgafreeze").read_text()
     assert 'sys.path.insert(0, "/usr/local/lib/qgafreeze")' in wrapper
     assert (tmp_path / "usr/local/libexec/qgafreeze/fsfreeze-hook").is_file()
-    for unit in UNITS:
+    for unit in units:
         assert "@BINDIR@" not in (tmp_path / unit).read_text()
     source = (REPO / "systemd/qgafreeze.service").read_text()
     if "@BINDIR@" in source:
-        assert "/usr/local/bin/" in (tmp_path / UNITS[0]).read_text()
+        assert "/usr/local/bin/" in (tmp_path / units[0]).read_text()
