@@ -132,15 +132,19 @@ def documents(root: Path) -> dict[Path, str]:
     return {root / MAN_PAGE: man_page(), root / "README.md": readme}
 
 
+def _stale(made: dict[Path, str]) -> list[Path]:
+    return [path for path, text in made.items() if not path.exists() or path.read_text() != text]
+
+
 def stale_documents(root: Path) -> list[Path]:
     """The generated files that differ from what the schema makes."""
-    made = documents(root)
-    return [path for path, text in made.items() if not path.exists() or path.read_text() != text]
+    return _stale(documents(root))
 
 
 def write_documents(root: Path) -> list[Path]:
     """Regenerate the man page and the README's table of settings; return the files changed."""
-    made, stale = documents(root), stale_documents(root)
+    made = documents(root)
+    stale = _stale(made)
     for path in stale:
         path.write_text(made[path])
     return stale
