@@ -51,18 +51,20 @@ def _account(user: str | None) -> Optional[pwd.struct_passwd]:
         raise CommandFailed(f"no such user {user!r}") from None
 
 
-def environment(user: str | None, extra: Sequence[tuple[str, str]]) -> tuple[dict[str, str], str]:
-    """A clean environment (nothing inherited from the daemon) and the home directory."""
-    return _environment(_account(user), extra)
+def workdir(user: str | None, cwd: str | None) -> str:
+    """The working directory a command runs in: ``cwd``, else the home directory of ``user``
+    (root's without one) if it is a directory, else /.  An unknown user's is / (``spawn`` then
+    refuses to run as it; the trust check judges from there)."""
+    try:
+        entry = _account(user)
+    except CommandFailed:
+        return cwd or "/"
+    return _workdir(entry, cwd)
 
 
-def _environment(
-    entry: Optional[pwd.struct_passwd], extra: Sequence[tuple[str, str]]
-) -> tuple[dict[str, str], str]:
-    home, name = ("/root", "root") if entry is None else (entry.pw_dir, entry.pw_name)
-    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": name, "LOGNAME": name}
-    env.update(extra)
-    return env, home
+def _workdir(entry: Optional[pwd.struct_passwd], cwd: str | None) -> str:
+    home = "/root" if entry is None else entry.pw_dir
+    return cwd or (home if os.path.isdir(home) else "/")
 
 
 def _check_program(program: str, search_path: str, cwd: str) -> None:
@@ -122,16 +124,19 @@ def spawn(
     and groups, as initgroups(3) gives them).  Its stdin is /dev/null, or with ``keep_stdin`` a
     pipe the caller writes to."""
     entry = _account(user)
-    environ, home = _environment(entry, env)
-    for name, value in (extra_env or {}).items():
-        environ.setdefault(name, value)  # the config's env wins
-    workdir = cwd or (home if os.path.isdir(home) else "/")
-    _check_program(argv[0], environ.get("PATH", os.defpath), workdir)
+    # A clean environment: nothing inherited from the daemon.
+    home, name = ("/root", "root") if entry is None else (entry.pw_dir, entry.pw_name)
+    environ = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": name, "LOGNAME": name}
+    environ.update(env)
+    for variable, value in (extra_env or {}).items():
+        environ.setdefault(variable, value)  # the config's env wins
+    where = _workdir(entry, cwd)
+    _check_program(argv[0], environ.get("PATH", os.defpath), where)
     identity = None
     if entry is not None:
         groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
         identity = (entry.pw_uid, entry.pw_gid, groups)
-    return start(argv, environ, workdir, output, keep_stdin, identity, jails)
+    return start(argv, environ, where, output, keep_stdin, identity, jails)
 
 
 def run(

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import grp
 import os
-import pwd
 import re
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import paths
+from .commands import workdir
 from .model import Config, Session, Step, join_path
 from .shelltext import simple_commands, substitutions
 
@@ -317,11 +317,7 @@ def _cannot_follow(word: str) -> str:
 
 def _home(user: str | None) -> str:
     """The working directory of a command without ``cwd`` (as ``commands.spawn`` picks it)."""
-    try:
-        home = pwd.getpwnam(user).pw_dir if user is not None else "/root"
-    except KeyError:
-        return "/"
-    return home if os.path.isdir(home) else "/"
+    return workdir(user, None)
 
 
 def step_problems(where: str, step: Step) -> list[str]:

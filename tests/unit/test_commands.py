@@ -113,6 +113,17 @@ def test_a_program_that_does_not_exist_cannot_run_and_says_so():
         commands.run(["qgft-nothing-on-the-path"], time.monotonic() + 5)
 
 
+@needs_root
+def test_a_command_without_cwd_runs_where_workdir_says_its_users_home_or_slash():
+    for user in (None, "nobody"):
+        outcome = commands.run(["/bin/sh", "-c", "pwd"], time.monotonic() + 10, user=user)
+        assert outcome.output == (commands.workdir(user, None),)
+    home = pwd.getpwnam("nobody").pw_dir
+    assert commands.workdir("nobody", None) == (home if os.path.isdir(home) else "/")
+    assert commands.workdir("qgft-no-such-user", None) == "/"
+    assert commands.workdir("nobody", "/tmp") == "/tmp"
+
+
 # -- what holds a command's processes together --------------------------------------------------
 
 
