@@ -23,7 +23,8 @@ from qgafreeze.errors import ConfigError
 from qgafreeze.model import Config
 from qgafreeze.planner import build_plan
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+# Giving files to another user needs root, and so does running steps as the daemon runs them.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 
@@ -78,6 +79,7 @@ def test_config_writable_by_others_is_refused(tmp_path):
     assert "writable by everyone" in str(caught.value)
 
 
+@needs_root
 def test_a_config_in_a_directory_another_user_owns_is_refused(tmp_path):
     app = nobodys_directory(tmp_path)
     with pytest.raises(ConfigError) as caught:
@@ -85,6 +87,7 @@ def test_a_config_in_a_directory_another_user_owns_is_refused(tmp_path):
     assert caught.value.problems == [f"refused: {owned(app)}"]
 
 
+@needs_root
 def test_a_config_reached_through_a_symlink_in_a_directory_another_user_owns_is_refused(tmp_path):
     real = write_config(tmp_path, "version: 1\n")
     app = nobodys_directory(tmp_path)
@@ -121,6 +124,7 @@ def test_programs_found_on_the_safe_path_are_checked_and_accepted(tmp_path):
     assert load(tmp_path, text).app("a").freeze[1].argv == ("/bin/echo", "x")
 
 
+@needs_root
 def test_a_symlink_in_a_directory_another_user_owns_is_refused(tmp_path):
     app = nobodys_directory(tmp_path)
     (app / "flush").symlink_to("/bin/true")  # the target is root's: the link is not
@@ -129,6 +133,7 @@ def test_a_symlink_in_a_directory_another_user_owns_is_refused(tmp_path):
     ]
 
 
+@needs_root
 def test_a_symlink_another_user_owns_in_a_sticky_directory_is_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -141,6 +146,7 @@ def test_a_symlink_another_user_owns_in_a_sticky_directory_is_refused(tmp_path):
     ]
 
 
+@needs_root
 def test_a_relative_program_is_judged_in_its_working_directory(tmp_path):
     app = nobodys_directory(tmp_path)
     program(app / "flush")
@@ -149,6 +155,7 @@ def test_a_relative_program_is_judged_in_its_working_directory(tmp_path):
     ]
 
 
+@needs_root
 def test_a_bare_name_is_looked_up_in_the_path_the_step_sets(tmp_path):
     bin_dir = nobodys_directory(tmp_path, "bin")
     program(bin_dir / "flush")
@@ -170,6 +177,7 @@ def test_a_path_the_check_cannot_follow_is_refused(tmp_path, path):
 
 
 @pytest.mark.parametrize("name", ["BASH_ENV", "LD_PRELOAD", "PYTHONPATH", "LD_LIBRARY_PATH"])
+@needs_root
 def test_environment_that_makes_a_program_load_code_is_checked(tmp_path, name):
     app = nobodys_directory(tmp_path)
     data = freeze_steps({"exec": ["/bin/true"], "env": {name: f"{app}/lib"}})
@@ -187,6 +195,7 @@ def test_environment_a_wrapper_is_given_in_its_arguments_is_refused(tmp_path, ar
     ]
 
 
+@needs_root
 def test_the_interpreter_a_script_names_is_checked(tmp_path):
     app = nobodys_directory(tmp_path)
     interpreter = program(app / "interp")
@@ -198,6 +207,7 @@ def test_the_interpreter_a_script_names_is_checked(tmp_path):
     ]
 
 
+@needs_root
 def test_the_program_a_script_finds_through_env_is_looked_up_in_the_steps_path(tmp_path):
     bin_dir = nobodys_directory(tmp_path, "bin")
     program(bin_dir / "interp")
@@ -223,6 +233,7 @@ def test_the_program_a_script_finds_through_env_is_looked_up_in_the_steps_path(t
         ["perl", "-w", "SCRIPT"],
     ],
 )
+@needs_root
 def test_the_script_a_known_interpreter_runs_is_checked(tmp_path, argv):
     app = nobodys_directory(tmp_path)
     script = app / "job"
@@ -233,6 +244,7 @@ def test_the_script_a_known_interpreter_runs_is_checked(tmp_path, argv):
     ]
 
 
+@needs_root
 def test_a_script_named_from_the_working_directory_is_checked_there(tmp_path):
     app = nobodys_directory(tmp_path)
     (app / "job.sh").write_text("exit 0\n")
@@ -241,6 +253,7 @@ def test_a_script_named_from_the_working_directory_is_checked_there(tmp_path):
     ]
 
 
+@needs_root
 def test_python_code_importing_from_a_working_directory_others_own_is_refused(tmp_path):
     app = nobodys_directory(tmp_path)
     data = freeze_steps(
@@ -253,6 +266,7 @@ def test_python_code_importing_from_a_working_directory_others_own_is_refused(tm
     ]
 
 
+@needs_root
 def test_a_program_a_wrapper_runs_by_its_path_is_checked(tmp_path):
     app = nobodys_directory(tmp_path)
     tool = program(app / "flush")
@@ -261,6 +275,7 @@ def test_a_program_a_wrapper_runs_by_its_path_is_checked(tmp_path):
     ]
 
 
+@needs_root
 def test_a_program_a_wrapper_runs_by_a_relative_path_is_checked_in_its_working_directory(
     tmp_path,
 ):
@@ -298,6 +313,7 @@ def running_a_tool_others_own(tmp_path: Path, text: str) -> tuple[str, str]:
         "nohup TOOL &",
     ],
 )
+@needs_root
 def test_every_program_shell_text_runs_is_checked(tmp_path, text):
     text, why = running_a_tool_others_own(tmp_path, text)
     assert refusals(tmp_path, freeze_steps({"shell": text})) == [
@@ -318,6 +334,7 @@ def test_every_program_shell_text_runs_is_checked(tmp_path, text):
         "cat <<EOF\n$(TOOL)\nEOF",
     ],
 )
+@needs_root
 def test_a_command_after_or_inside_a_here_document_is_checked(tmp_path, text):
     # A here-document's body is data, up to its end word; a body the shell expands (end word not
     # quoted) still runs what it substitutes.  What only looks like one must hide no line.
@@ -327,6 +344,7 @@ def test_a_command_after_or_inside_a_here_document_is_checked(tmp_path, text):
     ]
 
 
+@needs_root
 def test_a_bare_name_in_shell_text_is_looked_up_in_the_path_in_force(tmp_path):
     bin_dir = nobodys_directory(tmp_path, "bin")
     program(bin_dir / "flush")
@@ -396,6 +414,7 @@ def assert_refused_and_not_run(report: CycleReport, refusal: str, tmp_path: Path
     assert not (tmp_path / "ran").exists()
 
 
+@needs_root
 def test_a_program_changed_after_the_load_is_refused_before_it_runs(tmp_path):
     tool = program(tmp_path / "flush", f"touch {tmp_path}/ran")
     engine = engine_for(load(tmp_path, freeze_steps({"exec": [str(tool)]})))
@@ -404,6 +423,7 @@ def test_a_program_changed_after_the_load_is_refused_before_it_runs(tmp_path):
     assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
 
 
+@needs_root
 def test_a_thaw_step_changed_while_frozen_is_refused_and_not_run(tmp_path):
     tool = program(tmp_path / "resume", f"touch {tmp_path}/ran")
     data = {"apps": {"a": {"freeze": [{"exec": ["/bin/true"]}], "thaw": [{"shell": str(tool)}]}}}
@@ -414,6 +434,7 @@ def test_a_thaw_step_changed_while_frozen_is_refused_and_not_run(tmp_path):
     assert_refused_and_not_run(engine.thaw(), refusal, tmp_path)
 
 
+@needs_root
 def test_a_session_program_changed_after_the_load_is_refused_before_it_starts(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -426,6 +447,7 @@ def test_a_session_program_changed_after_the_load_is_refused_before_it_starts(tm
     assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
 
 
+@needs_root
 def test_a_legacy_script_added_after_the_load_is_refused_at_the_scan_and_none_runs(tmp_path):
     engine, script = legacy_engine(tmp_path, "10-good", f"touch {tmp_path}/ran")
     added = program(script.parent / "20-added", f"touch {tmp_path}/ran")
@@ -434,6 +456,7 @@ def test_a_legacy_script_added_after_the_load_is_refused_at_the_scan_and_none_ru
     assert_refused_and_not_run(engine.freeze(), refusal, tmp_path)
 
 
+@needs_root
 def test_a_legacy_script_changed_while_frozen_is_not_run_at_the_thaw(tmp_path):
     body = f'[ "$1" = thaw ] && touch {tmp_path}/ran; exit 0'
     engine, script = legacy_engine(tmp_path, "10-db", body)
