@@ -295,8 +295,8 @@ class HeldSession:
             self._on_exit(status)
 
     def send(self, text: str, deadline: Optional[float] = None) -> None:
-        """Queue ``text`` for its stdin; with ``deadline``, wait until it has been read (see
-        ``SessionInput.send``); without, ``wait_for``'s deadline bounds it."""
+        """Queue ``text`` for its stdin; with ``deadline``, wait until its pipe has accepted it
+        (see ``SessionInput.send``); without, ``wait_for``'s deadline bounds it."""
         self._input.send(text, deadline)
 
     def wait_for(self, pattern: str, deadline: float) -> None:

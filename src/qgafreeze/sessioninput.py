@@ -28,7 +28,8 @@ class SessionInput:
         self._queue: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
         self._taken = threading.Condition()  # guards the three below
         self._sent = 0  # bytes given to send()
-        self._written = 0  # bytes the session has taken from its pipe
+        # Bytes its pipe has accepted: all but the last 64 KiB (what a pipe holds) are read.
+        self._written = 0
         self._error: Optional[str] = None
         threading.Thread(target=self._write, name=name, daemon=True).start()
 
@@ -68,7 +69,8 @@ class SessionInput:
             self._taken.notify_all()
 
     def unread(self) -> str:
-        """A clause for error messages when the session has not read all it was sent."""
+        """A clause for error messages when its pipe has not accepted all that was sent: the
+        session stopped reading (the message's "taken" is by the pipe)."""
         with self._taken:
             if self._written >= self._sent:
                 return ""
@@ -76,9 +78,10 @@ class SessionInput:
             return f"; its input was not read ({taken})"
 
     def send(self, text: str, deadline: Optional[float] = None) -> None:
-        """Queue ``text``; with ``deadline``, return once the session has read it all, or raise
-        ActionTimeout at the deadline (CommandFailed if it can no longer read).  Without, return
-        at once: the caller's next wait (for output, for the exit) bounds it."""
+        """Queue ``text``; with ``deadline``, return once its pipe has accepted it all (the
+        session may not have read the last pipeful yet), or raise ActionTimeout at the deadline
+        (CommandFailed if it can no longer read).  Without, return at once: the caller's next
+        wait (for output, for the exit) bounds it."""
         if not text:
             return
         data = text.encode()
