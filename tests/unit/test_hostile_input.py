@@ -19,9 +19,13 @@ from qgafreeze.config import parse_text
 from qgafreeze.errors import ConfigError
 from qgafreeze.server import Peer, Send, Server, bind_listener
 
-# Every key the schema declares, at any level, and app names, mixed with junk, so that documents
-# get deep into validation.  Taken from the schema: a key added there is fuzzed here too.
-SCHEMA_KEYS = sorted({key.name for section in schema.SECTIONS for key in section.keys})
+# Every key the schema declares or has removed, at any level, and app names, mixed with junk, so
+# that documents get deep into validation.  Taken from the schema: a key added there, or removed
+# from it, is fuzzed here too, as is the value a removed key is ignored with.
+REMOVED = [old for section in schema.SECTIONS for old in section.removed]
+SCHEMA_KEYS = sorted(
+    {key.name for section in schema.SECTIONS for key in section.keys} | {o.name for o in REMOVED}
+)
 APP_NAMES = ["db", "web", "mariadb", "x"]
 KEYS = st.sampled_from(SCHEMA_KEYS + APP_NAMES) | st.text(min_size=1, max_size=8)
 SCALARS = (
@@ -46,6 +50,7 @@ SCALARS = (
             "[",
             "a.service",
             "db",
+            *(old.harmless for old in REMOVED if old.harmless is not None),
         ]
     )
     | st.text(max_size=12)
