@@ -159,6 +159,26 @@ def test_cgroup_frozen_unit_stops_making_progress_and_resumes(installed):
     ).stdout.strip() == ("running")
 
 
+def test_a_unit_killed_while_frozen_counts_as_thawed_and_the_next_freeze_goes_ahead(installed):
+    # As the OOM killer ends a frozen unit: SIGKILL reaches frozen processes.  systemd then
+    # refuses to thaw the unit, which has nothing left to thaw.
+    c = installed
+    c.install_unit("qgft-doomed.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    c.run(["systemctl", "restart", "qgft-doomed.service"])
+    c.run(["systemctl", "reset-failed", "qgafreeze.service"])  # restarted by the tests before
+    configure(c, "version: 1\napps:\n  doomed: {units: [qgft-doomed], mode: freeze}\n")
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    c.run(["systemctl", "kill", "--signal=KILL", "qgft-doomed.service"])
+    assert eventually(lambda: active(c, "qgft-doomed.service") != ["active"], timeout=10)
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert status(c)["paused_apps"] == []
+    c.run(["systemctl", "start", "qgft-doomed.service"])
+    assert hook(c, "freeze")[0] == 0
+    assert hook(c, "thaw")[0] == 0
+
+
 def test_signal_step_reaches_the_units_processes(installed):
     c = installed
     c.install_unit(
