@@ -10,6 +10,7 @@ from qgafreeze import paths
 from qgafreeze.config import load_file, parse_config, parse_text
 from qgafreeze.errors import ConfigError
 from qgafreeze.fields import parse_duration
+from qgafreeze.protocol import OPS
 from qgafreeze.trust import resolve_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,3 +317,24 @@ def test_a_nul_byte_is_refused_with_its_place_where_it_would_reach_the_system(tm
 def test_the_settings_are_frozen_through_and_through_like_the_rest_of_the_config():
     settings = parse_text("settings: {allowed_group_ops: [ping]}\n").settings
     assert hash(settings) == hash(parse_text("settings: {allowed_group_ops: [ping]}\n").settings)
+
+
+def test_the_ops_granted_to_the_allowed_group_reach_the_settings_in_order():
+    text = "settings: {allowed_group_ops: [ping, status, freeze]}\n"
+    assert parse_text(text).settings.allowed_group_ops == ("ping", "status", "freeze")
+    assert parse_text("").settings.allowed_group_ops == ("ping", "status")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[ping, status, ping]", "[2]: 'ping' is listed twice"),
+        ("[ping, reboot]", f"[1]: expected one of {', '.join(OPS)}, got string 'reboot'"),
+        ("null", f": expected a list of {', '.join(OPS)}, got nothing"),
+        ("ping", f": expected a list of {', '.join(OPS)}, got string 'ping'"),
+    ],
+)
+def test_allowed_group_ops_is_a_list_of_known_ops_each_once(value, problem):
+    assert problems(f"settings: {{allowed_group_ops: {value}}}\n") == [
+        f"settings.allowed_group_ops{problem}"
+    ]
