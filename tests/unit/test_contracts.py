@@ -117,3 +117,10 @@ def test_every_test_the_docs_cite_exists():
     ]
     assert len(cited) > 100
     assert missing == []
+
+
+def test_test_modules_have_names_unique_across_the_tiers():
+    # make test collects every tier in one pytest run, without packages: two test_x.py in two
+    # tiers stop the whole collection.
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
