@@ -35,6 +35,8 @@ from .units import UnitManager
 FLUSH_BEFORE_FREEZE = 1.0
 # Asked of systemd on top of the cycle deadlines when stopping: the log flush and exit.
 SHUTDOWN_MARGIN = 10.0
+# What each signal asks of the daemon; qgafreeze(8)'s SIGNALS section is checked against it.
+SIGNALS = {signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGHUP: "reload"}
 
 
 def report_reply(report: CycleReport) -> dict[str, Any]:
@@ -269,12 +271,9 @@ class Daemon:
         return status
 
     def run(self, server: Server) -> int:
-        for signum, handler in (
-            (signal.SIGTERM, self.request_stop),
-            (signal.SIGINT, self.request_stop),
-            (signal.SIGHUP, self.request_reload),
-        ):
-            signal.signal(signum, _waking(handler, server))
+        handlers = {"stop": self.request_stop, "reload": self.request_reload}
+        for signum, what in SIGNALS.items():
+            signal.signal(signum, _waking(handlers[what], server))
         notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
         self._ready_ms = process_age_ms()
         self._log.daemon_event(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qgafreeze import cli, errors, paths, protocol
+from qgafreeze import cli, daemon, errors, paths, protocol
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "qgafreeze.8"
@@ -85,3 +85,17 @@ def test_each_man_page_renders_without_a_warning(page):
         check=False,
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_the_man_page_describes_exactly_the_signals_the_daemon_handles():
+    described = re.findall(r"^\.B (SIG[A-Z]+)\n", sections(PAGE)["SIGNALS"], flags=re.M)
+    assert sorted(described) == sorted(sig.name for sig in daemon.SIGNALS)
+
+
+def test_every_example_in_the_man_page_is_a_command_the_cli_accepts():
+    examples = sections(PAGE)["EXAMPLES"]
+    commands = [line.split()[1:] for line in re.findall(r"^qgafreeze .*$", examples, flags=re.M)]
+    assert commands, "no qgafreeze command in EXAMPLES"
+    for argv in commands:
+        cli._parser().parse_args(argv)  # exits (SystemExit) on a command it does not know
+    assert "journalctl -u qgafreeze.service" in examples
