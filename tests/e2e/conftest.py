@@ -1,12 +1,23 @@
-"""End-to-end tier: tests drive a real VM, with the real qemu-guest-agent, from the host."""
+"""End-to-end tier: tests drive a real VM, with the real qemu-guest-agent, from the host.
+
+Each test runs in guests of the Debian suites its `suites` marker lists (default: trixie only),
+once per suite that `QGAFREEZE_SUITES` selects (default: all three), with the id suffix
+`[SUITE]`. The selected suites' images are built in the background (two at a time) from the
+moment the tier's tests are collected, so that building them overlaps the other tiers.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,11 +25,15 @@ import pytest
 # Tests and scripts import the harness as `image` and `vm`, whatever pytest import mode is used.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from image import GuestImage, ensure_image
+from image import DEFAULT_SUITE, SUITES, GuestImage, build_seconds, ensure_image
 from vm import QEMU, QEMU_IMG, VMFactory
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
+SUITES_ENV = "QGAFREEZE_SUITES"
+_SUITES_MARKER = "suites(*names): run the test once per listed Debian suite that is selected"
+_MAX_CONCURRENT_BUILDS = 2
+_MAKE_DEB_TIMEOUT = 1200
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host package that provides each tool the tier runs.
@@ -35,19 +50,98 @@ _skip_reasons: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # pyproject.toml normally declares the marker; this keeps `-c other.ini` runs warning-free.
-    if not any(line.startswith("e2e:") for line in config.getini("markers")):
+    # pyproject.toml normally declares the markers; this keeps `-c other.ini` runs warning-free.
+    declared = config.getini("markers")
+    if not any(line.startswith("e2e:") for line in declared):
         config.addinivalue_line(
             "markers", "e2e: needs a real VM with qemu-ga, driven from the host"
         )
+    if not any(line.startswith("suites(") for line in declared):
+        config.addinivalue_line("markers", _SUITES_MARKER)
 
 
+def suite_selection() -> tuple[tuple[str, ...], str]:
+    """The suites `QGAFREEZE_SUITES` selects, in release order, and what is wrong with the
+    selection ("" if nothing): an unknown name, or less than every suite where e2e is required."""
+    names = os.environ.get(SUITES_ENV, "").replace(",", " ").split() or list(SUITES)
+    problems = []
+    unknown = [name for name in names if name not in SUITES]
+    if unknown:
+        problems.append(
+            f"{SUITES_ENV} names unknown suite(s) {', '.join(unknown)} (known: {' '.join(SUITES)})"
+        )
+    if _e2e_required() and set(names) != set(SUITES):
+        problems.append(
+            f"{SUITES_ENV}={' '.join(names)}: CI=true or QGAFREEZE_REQUIRE_E2E=1 runs every suite"
+            f" ({' '.join(SUITES)})"
+        )
+    return tuple(s for s in SUITES if s in names), "; ".join(problems)
+
+
+def _in_tier(item: pytest.Item) -> bool:
+    path = Path(str(item.fspath)).resolve()
+    return path == E2E_DIR or E2E_DIR in path.parents
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "suite" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("suites")
+    suites = list(marker.args) if marker is not None else [DEFAULT_SUITE]
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown or not suites:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: @pytest.mark.suites needs suites among"
+            f" {', '.join(SUITES)}, not {suites}"
+        )
+    # Module scope: a module's module-scoped guests are booted once per suite.
+    metafunc.parametrize("suite", suites, ids=suites, indirect=True, scope="module")
+
+
+def _item_suite(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("suite") if callspec is not None else None
+
+
+def _by_suite_within_module(items: list[pytest.Item]) -> list[pytest.Item]:
+    """Each module's tests grouped by suite, in release order, modules in their order.
+
+    pytest groups a module-scoped parameter by its index, not its value, and index 0 is bullseye
+    for a marked test but trixie for an unmarked one: left alone, a module would boot its guests
+    of one suite several times over."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(str(item.fspath), []).append(item)
+    ordered: list[pytest.Item] = []
+    for group in modules.values():
+        # Within a suite, in the order the module defines them, as an unparametrised run goes.
+        ordered += sorted(
+            group,
+            key=lambda i: (SUITES.index(_item_suite(i) or DEFAULT_SUITE), i.location[1] or 0),
+        )
+    return ordered
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # This hook sees the whole session's items, not only this directory's.
-    for item in items:
-        path = Path(str(item.fspath)).resolve()
-        if path == E2E_DIR or E2E_DIR in path.parents:
-            item.add_marker(pytest.mark.e2e)
+    tier = [i for i in items if _in_tier(i)]
+    for item in tier:
+        item.add_marker(pytest.mark.e2e)
+    if tier:
+        others = [i for i in items if not _in_tier(i)]
+        items[:] = others + _by_suite_within_module(tier)
+    selected, problem = suite_selection()
+    if not problem:
+        # A wrong selection keeps every item, so that each fails saying what is wrong.
+        dropped = [i for i in items if _item_suite(i) not in (None, *selected)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if i not in dropped]
+    needed = {_item_suite(i) for i in items}
+    if problem or config.option.collectonly:
+        return
+    _builds.start([s for s in selected if s in needed])
 
 
 def _e2e_required() -> bool:
@@ -103,37 +197,165 @@ def unmet_preconditions() -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    """The cached guest image, built on first use (2-3 minutes)."""
-    problems = unmet_preconditions()
-    if problems:
-        reason = "e2e tests cannot run here: " + "; ".join(problems)
+class _Builds:
+    """The selected suites' images, built in background threads while other tests run."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future[GuestImage]] = {}
+        self._lock = threading.Lock()
+        self._problems: list[str] | None = None
+        self.waited: dict[str, float] = {}
+        self.built: dict[str, float] = {}
+
+    def _preconditions(self) -> list[str]:
+        # Once, whichever build thread or fixture asks first: it may install host packages.
+        with self._lock:
+            if self._problems is None:
+                self._problems = unmet_preconditions()
+            return self._problems
+
+    def _build(self, suite: str) -> GuestImage:
+        problems = self._preconditions()
+        if problems:
+            raise _Unmet(problems)
+        started = time.monotonic()
+        image = ensure_image(suite)
+        seconds = build_seconds(image)
+        if seconds is not None and time.monotonic() - started >= seconds:
+            self.built[suite] = seconds
+        return image
+
+    def start(self, suites: list[str]) -> None:
+        if not suites or self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(
+            max_workers=_MAX_CONCURRENT_BUILDS, thread_name_prefix="e2e-image"
+        )
+        for suite in suites:
+            self._futures[suite] = self._executor.submit(self._build, suite)
+
+    def image(self, suite: str) -> GuestImage:
+        future = self._futures.get(suite)
+        started = time.monotonic()
+        try:
+            return future.result() if future is not None else self._build(suite)
+        finally:
+            self.waited[suite] = time.monotonic() - started
+
+    def stop(self) -> None:
+        if self._executor is not None:
+            # A build under way finishes (and is cached); those not begun are dropped.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Unmet(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+
+
+_builds = _Builds()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _builds.stop()
+
+
+@pytest.fixture(scope="module")
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian suite of this test's guests (the `suites` marker; trixie when unmarked)."""
+    return str(getattr(request, "param", DEFAULT_SUITE))
+
+
+@pytest.fixture(scope="module")
+def guest_image(suite: str) -> GuestImage:
+    """The cached image of the test's suite, built on first use (about 5 minutes)."""
+    _selected, problem = suite_selection()
+    if problem:
+        pytest.fail(problem)
+    try:
+        return _builds.image(suite)
+    except _Unmet as exc:
+        reason = f"e2e tests cannot run here: {exc}"
         if _e2e_required():
             pytest.fail(reason + " (required because CI=true or QGAFREEZE_REQUIRE_E2E=1)")
-        if not _skip_reasons:
+        if reason not in _skip_reasons:
             _skip_reasons.append(reason)
         pytest.skip("E2E TIER NOT RUN: " + reason)
-    return ensure_image()
 
 
 @pytest.fixture(scope="module")
 def vm_factory(
     guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VMFactory]:
-    """Boots VMs, each in its own work directory; all are shut down when the module ends.
+    """Boots VMs of the test's suite, each in its own work directory; all are shut down when the
+    module ends.
 
     Module scope, so that a module can share one booted guest (a boot costs about 20 s under
     TCG); a test that boots a VM of its own may shut it down early with `vm.shutdown()`.
     """
-    factory = VMFactory(guest_image, tmp_path_factory.mktemp("e2e"), REPO_ROOT)
+    factory = VMFactory(guest_image, tmp_path_factory.mktemp(f"e2e-{guest_image.suite}"), REPO_ROOT)
     try:
         yield factory
     finally:
         factory.shutdown_all()
 
 
+def _version() -> str:
+    text = (REPO_ROOT / "src" / "qgafreeze" / "__init__.py").read_text(encoding="utf-8")
+    found = re.search(r"""(?m)^__version__ = ["']([^"']+)["']""", text)
+    if found is None:
+        raise RuntimeError("src/qgafreeze/__init__.py has no __version__")
+    return found.group(1)
+
+
+@pytest.fixture(scope="session")
+def deb_package() -> Path:
+    """The .deb that `make deb` builds from this tree (run once a session), on the host; a guest
+    sees it under /src (`guest.guest_path`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PATH"] = _SYSTEM_PATH
+    result = subprocess.run(
+        ["make", "-C", str(REPO_ROOT), "deb"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=_MAKE_DEB_TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"make deb failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
+    package = REPO_ROOT / "dist" / f"qgafreeze_{_version()}_all.deb"
+    if not package.is_file():
+        pytest.fail(f"make deb succeeded but left no {package}:\n{result.stdout[-4000:]}")
+    return package
+
+
+_durations: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    found = re.search(r"\[(?:.*-)?(" + "|".join(SUITES) + r")(?:-.*)?\]$", report.nodeid)
+    if found and "e2e" in report.keywords:
+        _durations[found.group(1)] += report.duration
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _durations:
+        for suite in SUITES:
+            if suite not in _durations:
+                continue
+            built = _builds.built.get(suite)
+            image = f"image built in {built:.0f} s" if built is not None else "cached image"
+            waited = _builds.waited.get(suite, 0.0)
+            terminalreporter.write_line(
+                f"e2e {suite}: tests {_durations[suite]:.0f} s; {image}; tests waited"
+                f" {waited:.0f} s for it"
+            )
     # A skip is easy to miss among dots; say it once more, in red, at the end of the run.
     for reason in _skip_reasons:
         terminalreporter.write_line(f"WARNING: E2E TIER SKIPPED: {reason}", red=True, bold=True)

@@ -11,10 +11,13 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vm import VM, ExecResult
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOOK = "/usr/libexec/qgafreeze/fsfreeze-hook"
 HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
 WATCH_LOG = "/run/qgf-watch.log"  # /run is tmpfs: writable while the disks are frozen
 ACK_LOG = "/run/qgf-acks.log"
@@ -45,12 +48,53 @@ def sh(vm: VM, script: str, timeout: float = 300, check: bool = True) -> ExecRes
     return result
 
 
-def install(vm: VM) -> str:
+def make_install(vm: VM) -> str:
     """`make install` from the checkout mounted at /src, offline, as the README says."""
     result = vm.run_unit(["make", "-C", "/src", "install"], timeout=900)
     if result.exitcode != 0:
         raise AssertionError(f"make install failed in the guest:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+def guest_path(host_path: Path) -> str:
+    """Where the guest sees a file of the checkout: the checkout is mounted at /src."""
+    return str(PurePosixPath("/src") / host_path.resolve().relative_to(REPO_ROOT))
+
+
+def install_package(vm: VM, deb_guest_path: str) -> str:
+    """`apt-get install ./qgafreeze_*.deb` the way an admin does it, offline: the image holds
+    every dependency, and has no network and no apt sources.  A transient unit, since the
+    package's scripts restart qemu-ga."""
+    result = vm.run_unit(
+        ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", deb_guest_path],
+        timeout=900,
+    )
+    if result.exitcode != 0:
+        raise AssertionError(
+            f"apt-get install {deb_guest_path} failed in the guest:\n{result.stdout}\n"
+            f"{result.stderr}"
+        )
+    return result.stdout
+
+
+def install(vm: VM, package: Path | None = None) -> str:
+    """Install qgafreeze in the guest: the .deb when given (`deb_package`), else make install."""
+    if package is not None:
+        return install_package(vm, guest_path(package))
+    return make_install(vm)
+
+
+def qemu_ga_version(vm: VM) -> tuple[int, int]:
+    """(major, minor) of the guest's qemu-ga, from `qemu-ga --version`."""
+    out = sh(vm, "qemu-ga --version").stdout
+    found = re.search(r"(\d+)\.(\d+)", out)
+    if found is None:
+        raise AssertionError(f"no version in qemu-ga --version: {out!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+# qemu-ga 9.1 and later put what the hook printed in the error of a failed freeze.
+HOOK_OUTPUT_IN_ERROR = (9, 1)
 
 
 def configure(vm: VM, yaml: str) -> None:

@@ -1,9 +1,12 @@
-"""A throwaway Debian bookworm guest image with the real qemu-guest-agent, for the e2e tier.
+"""Throwaway Debian guest images (bullseye, bookworm, trixie) with the real qemu-guest-agent,
+for the e2e tier.
 
-`ensure_image()` returns a cached image, building it first when the cache has none for the
-current recipe. The cache key hashes the package list and this module's text, so any change to
-how the image is made builds a new one; images of other keys are removed. Builds are serialised
-with an flock and published with one rename, so a reader never sees half an image.
+`ensure_image(suite)` returns a cached image of that suite, building it first when the cache has
+none for the current recipe. The cache key hashes the suite, its package list and this module's
+text, so any change to how an image is made builds a new one; stale images of the same suite are
+removed, images of other suites are left alone. Builds of one suite are serialised with an flock
+(builds of different suites may run at once) and published with one rename, so a reader never
+sees half an image.
 
 The guest boots its kernel directly (`-kernel`/`-initrd`), so the image is a bare ext4
 filesystem: no partition table, no boot loader.
@@ -27,8 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CACHE = Path("/var/cache/qgafreeze/e2e")
-SUITE = "bookworm"
-PACKAGES = (
+SUITES = ("bullseye", "bookworm", "trixie")
+DEFAULT_SUITE = "trixie"
+# The same names exist in all three suites' Packages indexes (debootstrap fails the build on a
+# name its suite lacks); the table per suite is where a release that renames one says so.
+_COMMON_PACKAGES = (
     "systemd",
     "systemd-sysv",
     "dbus",
@@ -47,7 +53,12 @@ PACKAGES = (
     "util-linux",
     "kmod",
     "e2fsprogs",
+    # `man qgafreeze` in a guest: man-db and its formatter.
+    "man-db",
+    "groff-base",
 )
+PACKAGES: dict[str, tuple[str, ...]] = {suite: _COMMON_PACKAGES for suite in SUITES}
+_FALLBACK_MIRROR = "http://deb.debian.org/debian"
 IMAGE_SIZE = "4G"
 HOSTNAME = "qgfguest"
 
@@ -66,6 +77,7 @@ _ROOT_NAME = "root.img"
 _KERNEL_NAME = "vmlinuz"
 _INITRD_NAME = "initrd.img"
 _KEY_NAME = "key"
+_SECONDS_NAME = "build-seconds"
 _IMAGE_PREFIX = "image-"
 _BUILD_PREFIX = ".build-"
 
@@ -86,6 +98,7 @@ _MASKED_UNITS = (
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
+    "man-db.timer",
 )
 
 
@@ -95,54 +108,71 @@ class GuestImage:
     kernel: Path
     initrd: Path
     key: str
+    suite: str
 
 
-def recipe_key() -> str:
+def recipe_key(suite: str) -> str:
     """Hash of everything that decides the image's content."""
     digest = hashlib.sha256()
-    digest.update(SUITE.encode())
-    digest.update("\0".join(PACKAGES).encode())
+    digest.update(suite.encode())
+    digest.update(b"\0")
+    digest.update("\0".join(PACKAGES[suite]).encode())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def ensure_image(cache_root: Path = DEFAULT_CACHE) -> GuestImage:
-    """The image for the current recipe, built under `cache_root` if it is not there yet."""
-    key = recipe_key()
-    final = cache_root / f"{_IMAGE_PREFIX}{key}"
-    image = _published(final, key)
+def build_seconds(image: GuestImage) -> float | None:
+    """How long the build of this image took, if it was built by this recipe."""
+    try:
+        return float((image.root.parent / _SECONDS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_image(suite: str = DEFAULT_SUITE, cache_root: Path = DEFAULT_CACHE) -> GuestImage:
+    """The image of `suite` for the current recipe, built under `cache_root` if not there yet."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: the e2e tier knows {', '.join(SUITES)}")
+    key = recipe_key(suite)
+    final = cache_root / f"{_IMAGE_PREFIX}{suite}-{key}"
+    image = _published(final, suite, key)
     if image is not None:
         return image
     cache_root.mkdir(parents=True, exist_ok=True)
-    with _flock(cache_root / ".lock"):
+    with _flock(cache_root / f".lock-{suite}"):
         # Another run may have built it while this one waited for the lock.
-        image = _published(final, key)
+        image = _published(final, suite, key)
         if image is not None:
             return image
-        _remove_other_images(cache_root, keep=final.name)
-        build_dir = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{key}-", dir=cache_root))
+        _remove_stale_images(cache_root, suite, keep=final.name)
+        build_dir = Path(
+            tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{suite}-{key}-", dir=cache_root)
+        )
         try:
             started = time.monotonic()
-            _build(build_dir)
+            _build(build_dir, suite)
+            took = time.monotonic() - started
+            (build_dir / _SECONDS_NAME).write_text(f"{took:.0f}\n", encoding="utf-8")
             (build_dir / _KEY_NAME).write_text(key + "\n", encoding="utf-8")
             os.chmod(build_dir, 0o755)
             os.rename(build_dir, final)
-            _log(f"image {key} built in {time.monotonic() - started:.0f} s at {final}")
+            _log(f"{suite} image {key} built in {took:.0f} s at {final}")
         except BaseException:
             _remove_tree(build_dir)
             raise
-    image = _published(final, key)
+    image = _published(final, suite, key)
     if image is None:
         raise RuntimeError(f"image build finished but {final} is incomplete")
     return image
 
 
-def _published(directory: Path, key: str) -> GuestImage | None:
+def _published(directory: Path, suite: str, key: str) -> GuestImage | None:
     image = GuestImage(
         root=directory / _ROOT_NAME,
         kernel=directory / _KERNEL_NAME,
         initrd=directory / _INITRD_NAME,
         key=key,
+        suite=suite,
     )
     # The key file is written last, before the rename; its presence means the rest is whole.
     key_file = directory / _KEY_NAME
@@ -163,12 +193,19 @@ def _flock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _remove_other_images(cache_root: Path, keep: str) -> None:
-    # Only called under the lock: no other build is writing any of these.
+# Images from before the cache knew suites: `image-<key>`, all of them bookworm.
+_UNSUITED = re.compile(r"(image-|\.build-)[0-9a-f]{16}(-.*)?")
+
+
+def _remove_stale_images(cache_root: Path, suite: str, keep: str) -> None:
+    # Only called under the suite's lock: no other build is writing any of these.
+    own = (f"{_IMAGE_PREFIX}{suite}-", f"{_BUILD_PREFIX}{suite}-")
     for entry in cache_root.iterdir():
         if entry.name == keep or not entry.is_dir():
             continue
-        if entry.name.startswith((_IMAGE_PREFIX, _BUILD_PREFIX)):
+        # The unsuited ones are bookworm's: only its lock keeps other builds away from them.
+        legacy = suite == "bookworm" and _UNSUITED.fullmatch(entry.name) is not None
+        if entry.name.startswith(own) or legacy:
             _log(f"removing {entry}")
             _remove_tree(entry)
 
@@ -177,8 +214,25 @@ def _log(message: str) -> None:
     print(f"[e2e image] {message}", file=sys.stderr, flush=True)
 
 
+def host_suite() -> str:
+    """The host's Debian codename, from /etc/os-release; "" when it names none."""
+    try:
+        text = Path("/etc/os-release").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    found = re.search(r"(?m)^VERSION_CODENAME=\"?([a-z]+)\"?$", text)
+    return found.group(1) if found else ""
+
+
 def mirror_url() -> str:
-    """The Debian mirror this host's apt uses for bookworm, read from its configuration."""
+    """The Debian mirror this host's apt uses for its own suite, for every suite: a Debian
+    mirror serves them all. deb.debian.org when the host's configuration names none."""
+    suite = host_suite()
+    found = _configured_mirror(suite) if suite else None
+    return found or _FALLBACK_MIRROR
+
+
+def _configured_mirror(suite: str) -> str | None:
     sources_dir = Path("/etc/apt/sources.list.d")
     for path in sorted(sources_dir.glob("*.sources")) if sources_dir.is_dir() else []:
         for stanza in _deb822_stanzas(path.read_text(encoding="utf-8", errors="replace")):
@@ -186,7 +240,7 @@ def mirror_url() -> str:
                 continue
             if "deb" not in stanza.get("types", "").split():
                 continue
-            if SUITE not in stanza.get("suites", "").split():
+            if suite not in stanza.get("suites", "").split():
                 continue
             uris = stanza.get("uris", "").split()
             if uris:
@@ -207,11 +261,9 @@ def mirror_url() -> str:
                 while words and not words[0].endswith("]"):
                     words = words[1:]
                 words = words[1:]
-            if len(words) >= 2 and words[1] == SUITE:
+            if len(words) >= 2 and words[1] == suite:
                 return words[0]
-    raise RuntimeError(
-        f"no apt source for {SUITE} found in {sources_dir}/*.sources or /etc/apt/sources.list"
-    )
+    return None
 
 
 def _deb822_stanzas(text: str) -> Iterator[dict[str, str]]:
@@ -265,19 +317,19 @@ def _chroot(tree: Path, argv: list[str], log: Path) -> None:
         _kill_processes_in(tree)
 
 
-def _build(build_dir: Path) -> None:
+def _build(build_dir: Path, suite: str) -> None:
     tree = build_dir / "tree"
     log = build_dir / "build.log"
     mirror = mirror_url()
-    _log(f"building the guest image in {build_dir} (log: {log}); takes about 2-3 minutes")
+    _log(f"building the {suite} guest image from {mirror} in {build_dir} (log: {log})")
     started = time.monotonic()
     try:
         _run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=" + ",".join(PACKAGES),
-                SUITE,
+                "--include=" + ",".join(PACKAGES[suite]),
+                suite,
                 str(tree),
                 mirror,
             ],
@@ -288,7 +340,7 @@ def _build(build_dir: Path) -> None:
         # Package scripts run in the chroot may have left daemons behind.
         _kill_processes_in(tree)
         _unmount_under(tree)
-    _log(f"debootstrap took {time.monotonic() - started:.0f} s")
+    _log(f"{suite}: debootstrap took {time.monotonic() - started:.0f} s")
     _configure(tree, log)
     kernel, initrd = _kernel_and_initrd(tree)
     shutil.copy2(kernel, build_dir / _KERNEL_NAME)
@@ -358,7 +410,16 @@ def _check_tree(tree: Path) -> None:
     # The link is absolute, so it resolves only inside the guest: test the link itself.
     if not (wants / "mariadb.service").is_symlink():
         problems.append("mariadb.service is not enabled")
-    _kernel, initrd = _kernel_and_initrd(tree)
+    if not (tree / "usr/bin/man").exists():
+        problems.append("man is not installed")
+    kernel, initrd = _kernel_and_initrd(tree)
+    version = kernel.name[len("vmlinuz-") :]
+    # A driver built into the kernel needs no module in the initramfs.
+    builtin = ""
+    for base in ("usr/lib/modules", "lib/modules"):
+        with contextlib.suppress(OSError):
+            builtin = (tree / base / version / "modules.builtin").read_text(encoding="utf-8")
+            break
     # The guest's own initramfs-tools reads it; the host may not have lsinitramfs at all.
     listing = subprocess.run(
         ["chroot", str(tree), "lsinitramfs", "/boot/" + initrd.name],
@@ -369,7 +430,7 @@ def _check_tree(tree: Path) -> None:
         check=False,
     ).stdout
     for module in ("virtio_blk", "virtio_pci", "ext4"):
-        if not re.search(rf"/{module}\.ko", listing):
+        if not re.search(rf"/{module}\.ko", listing + "\n" + builtin):
             problems.append(f"the initramfs lacks {module}")
     if problems:
         raise RuntimeError("guest tree is not usable: " + "; ".join(problems))
@@ -432,4 +493,5 @@ def _remove_tree(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(ensure_image())
+    for name in sys.argv[1:] or [DEFAULT_SUITE]:
+        print(ensure_image(name))
