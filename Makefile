@@ -45,7 +45,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -57,6 +57,8 @@ help:
 	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
 	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
+	@echo "make selinux      compile the SELinux module (RHEL family) into build/selinux"
+	@echo "make rpm          build the noarch RPM and its -selinux subpackage into dist/"
 	@echo "make docs         regenerate the settings table and qgafreeze.yaml(5) from the schema"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
@@ -128,7 +130,7 @@ demo:
 
 # One pytest run for every tier, so that the run ends on a single summary line; the guest
 # images of SUITES are built in the background while the unit and container tiers run.
-test: deps lint
+test: deps lint selinux
 	QGAFREEZE_SUITES="$(SUITES)" PYTHONPATH=src $(PYTHON) -m pytest -q tests/unit \
 		tests/integration tests/e2e
 
@@ -138,6 +140,39 @@ docs:
 
 check:
 	PYTHONPATH=src $(PYTHON) -m qgafreeze check -c config/qgafreeze.yaml
+
+# The SELinux module for the RHEL family, written without policy headers (selinux/qgafreeze.te
+# says why): `make test` compiles it, so that a syntax error fails here, not on a RHEL machine.
+SELINUX_BUILD = build/selinux
+selinux:
+	@set -e; mkdir -p $(SELINUX_BUILD); \
+	checkmodule -M -m -o $(SELINUX_BUILD)/qgafreeze.mod selinux/qgafreeze.te; \
+	semodule_package -o $(SELINUX_BUILD)/qgafreeze.pp -m $(SELINUX_BUILD)/qgafreeze.mod \
+		-f selinux/qgafreeze.fc; \
+	echo "built $(SELINUX_BUILD)/qgafreeze.pp"
+
+# The RPM, built by rpmbuild from a tarball of the tree (tracked and new files, not ignored
+# ones) in build/rpm, so that the user's ~/rpmbuild is never touched.  Debian's rpm has no
+# systemd-rpm-macros and an empty package database: there rpm/debian.macros stands in for the
+# macros and --nodeps skips the BuildRequires check; qgafreeze.spec itself is unchanged.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' src/qgafreeze/__init__.py)
+RPM_TOPDIR = $(CURDIR)/build/rpm
+rpm:
+	@set -e; \
+	[ -n "$(VERSION)" ] || { echo "rpm: no __version__ in src/qgafreeze/__init__.py" >&2; exit 1; }; \
+	rm -rf "$(RPM_TOPDIR)"; mkdir -p "$(RPM_TOPDIR)/SOURCES" dist; \
+	git ls-files -z --cached --others --exclude-standard | \
+		xargs -0 sh -c 'for f; do [ -e "$$f" ] && printf "%s\0" "$$f"; done' sh | \
+		tar --null -T - --transform "s,^,qgafreeze-$(VERSION)/," \
+			-czf "$(RPM_TOPDIR)/SOURCES/qgafreeze-$(VERSION).tar.gz"; \
+	extra=; \
+	if [ -z "$$(rpm --eval '%{?systemd_post:1}')" ]; then \
+		extra="--load=$(CURDIR)/rpm/debian.macros --nodeps"; \
+	fi; \
+	rpmbuild -bb --quiet $$extra --define "_topdir $(RPM_TOPDIR)" \
+		--define "_rpmdir $(CURDIR)/dist" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+		--define "qgafreeze_version $(VERSION)" qgafreeze.spec; \
+	ls dist/qgafreeze-$(VERSION)-*.noarch.rpm dist/qgafreeze-selinux-$(VERSION)-*.noarch.rpm
 
 # Where install puts the units (tests ask, rather than repeat the rule above).
 unitdir:
