@@ -45,7 +45,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm deb
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -59,6 +59,7 @@ help:
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
 	@echo "make selinux      compile the SELinux module (RHEL family) into build/selinux"
 	@echo "make rpm          build the noarch RPM and its -selinux subpackage into dist/"
+	@echo "make deb          build the Debian package dist/qgafreeze_VERSION_all.deb"
 	@echo "make docs         regenerate the settings table and qgafreeze.yaml(5) from the schema"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
@@ -173,6 +174,36 @@ rpm:
 		--define "_rpmdir $(CURDIR)/dist" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
 		--define "qgafreeze_version $(VERSION)" qgafreeze.spec; \
 	ls dist/qgafreeze-$(VERSION)-*.noarch.rpm dist/qgafreeze-selinux-$(VERSION)-*.noarch.rpm
+
+# The Debian package, built with debhelper (debian/rules runs this Makefile's install) in a
+# scratch copy of the tree under $TMPDIR, so that a build leaves nothing in the tree but
+# dist/qgafreeze_VERSION_all.deb.  debian/changelog must name the version __init__.py does (a
+# unit test checks it too).  DEB_VERSION=X builds the same tree as version X, changelog and
+# __version__ rewritten in the copy: the VM tier upgrades over such an older build.
+DEB_VERSION ?= $(VERSION)
+DEB_SOURCES = Makefile README.md LICENSE pyproject.toml src systemd config docs debian
+deb:
+	@set -e; \
+	logged=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
+	if [ "$$logged" != "$(VERSION)" ]; then \
+		echo "deb: debian/changelog is at $$logged, src/qgafreeze/__init__.py at" \
+			"$(VERSION): add a changelog entry" >&2; \
+		exit 1; \
+	fi; \
+	scratch=$$(mktemp -d "$${TMPDIR:-/tmp}/qgafreeze-deb.XXXXXX"); \
+	trap 'rm -rf "$$scratch"' EXIT; \
+	mkdir "$$scratch/qgafreeze"; \
+	tar -cf - --exclude=__pycache__ --exclude='*.pyc' $(DEB_SOURCES) | tar -xf - -C "$$scratch/qgafreeze"; \
+	if [ "$(DEB_VERSION)" != "$(VERSION)" ]; then \
+		sed -i -e '1s/([^)]*)/($(DEB_VERSION))/' "$$scratch/qgafreeze/debian/changelog"; \
+		sed -i -e 's/^__version__ = .*/__version__ = "$(DEB_VERSION)"/' \
+			"$$scratch/qgafreeze/src/qgafreeze/__init__.py"; \
+	fi; \
+	(cd "$$scratch/qgafreeze" && dpkg-buildpackage -b -us -uc); \
+	mkdir -p dist; \
+	cp "$$scratch/qgafreeze_$(DEB_VERSION)_all.deb" "dist/.qgafreeze_$(DEB_VERSION)_all.deb.tmp"; \
+	mv -f "dist/.qgafreeze_$(DEB_VERSION)_all.deb.tmp" "dist/qgafreeze_$(DEB_VERSION)_all.deb"; \
+	echo "built dist/qgafreeze_$(DEB_VERSION)_all.deb"
 
 # Where install puts the units (tests ask, rather than repeat the rule above).
 unitdir:
