@@ -201,3 +201,18 @@ def test_the_rpm_holds_what_make_install_installs_with_the_config_kept_and_the_h
     selinux_scripts = " ".join(selinux_scripts.split())
     assert "semodule -X 200 -s targeted -i" in selinux_scripts
     assert "semodule -X 200 -s targeted -r qgafreeze" in selinux_scripts
+
+
+def test_the_licence_is_gpl_2_or_later_in_every_place_that_names_it():
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.split()[:6] == ["GNU", "GENERAL", "PUBLIC", "LICENSE", "Version", "2,"]
+    assert "or (at your option) any later version" in " ".join(licence.split())
+    expected = "GPL-2.0-or-later"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.findall(r"^license\s*=\s*(.*)$", pyproject, flags=re.M) == [
+        f'{{ text = "{expected}" }}'
+    ]
+    assert re.findall(r"^License:\s*(.*)$", SPEC.read_text(), flags=re.M) == [expected]
+    copyright_ = (REPO / "debian" / "copyright").read_text()
+    stanzas = {s.split("\n", 1)[0]: s for s in copyright_.split("\n\n")}
+    assert re.search(r"^License: (.*)$", stanzas["Files: *"], flags=re.M).group(1) == expected
