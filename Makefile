@@ -156,12 +156,14 @@ selinux:
 # ones) in build/rpm, so that the user's ~/rpmbuild is never touched.  Debian's rpm has no
 # systemd-rpm-macros and an empty package database: there rpm/debian.macros stands in for the
 # macros and --nodeps skips the BuildRequires check; qgafreeze.spec itself is unchanged.
+# RPM_TOPDIR and RPM_DIST move the work and the result (tests build in their own directories).
 VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' src/qgafreeze/__init__.py)
-RPM_TOPDIR = $(CURDIR)/build/rpm
+RPM_TOPDIR ?= $(CURDIR)/build/rpm
+RPM_DIST ?= $(CURDIR)/dist
 rpm:
 	@set -e; \
 	[ -n "$(VERSION)" ] || { echo "rpm: no __version__ in src/qgafreeze/__init__.py" >&2; exit 1; }; \
-	rm -rf "$(RPM_TOPDIR)"; mkdir -p "$(RPM_TOPDIR)/SOURCES" dist; \
+	rm -rf "$(RPM_TOPDIR)"; mkdir -p "$(RPM_TOPDIR)/SOURCES" "$(RPM_DIST)"; \
 	git ls-files -z --cached --others --exclude-standard | \
 		xargs -0 sh -c 'for f; do [ -e "$$f" ] && printf "%s\0" "$$f"; done' sh | \
 		tar --null -T - --transform "s,^,qgafreeze-$(VERSION)/," \
@@ -171,9 +173,9 @@ rpm:
 		extra="--load=$(CURDIR)/rpm/debian.macros --nodeps"; \
 	fi; \
 	rpmbuild -bb --quiet $$extra --define "_topdir $(RPM_TOPDIR)" \
-		--define "_rpmdir $(CURDIR)/dist" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+		--define "_rpmdir $(RPM_DIST)" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
 		--define "qgafreeze_version $(VERSION)" qgafreeze.spec; \
-	ls dist/qgafreeze-$(VERSION)-*.noarch.rpm dist/qgafreeze-selinux-$(VERSION)-*.noarch.rpm
+	ls "$(RPM_DIST)"/qgafreeze-$(VERSION)-*.noarch.rpm "$(RPM_DIST)"/qgafreeze-selinux-$(VERSION)-*.noarch.rpm
 
 # The Debian package, built with debhelper (debian/rules runs this Makefile's install) in a
 # scratch copy of the tree under $TMPDIR, so that a build leaves nothing in the tree but

@@ -161,9 +161,18 @@ def test_the_rpm_takes_its_version_from_the_package_alone():
 def test_the_rpm_holds_what_make_install_installs_with_the_config_kept_and_the_hook_wired(
     tmp_path,
 ):
-    run(["make", "--no-print-directory", "rpm"])
-    main = REPO / "dist" / f"qgafreeze-{__version__}-1.noarch.rpm"
-    selinux = REPO / "dist" / f"qgafreeze-selinux-{__version__}-1.noarch.rpm"
+    dist = tmp_path / "dist"
+    run(
+        [
+            "make",
+            "--no-print-directory",
+            "rpm",
+            f"RPM_TOPDIR={tmp_path / 'rpm'}",
+            f"RPM_DIST={dist}",
+        ]
+    )
+    main = dist / f"qgafreeze-{__version__}-1.noarch.rpm"
+    selinux = dist / f"qgafreeze-selinux-{__version__}-1.noarch.rpm"
 
     listed = run(
         [
@@ -177,7 +186,7 @@ def test_the_rpm_holds_what_make_install_installs_with_the_config_kept_and_the_h
     files = {line.split("\t")[0]: line.split("\t")[1:] for line in listed.splitlines()}
     # The RPM owns what make install makes but the system's directories (/usr/bin), compresses
     # man pages as RHEL's rpmbuild does, and carries the licence.
-    ours = {p for p in installed_tree(tmp_path) if "qgafreeze" in p}
+    ours = {p for p in installed_tree(tmp_path / "root") if "qgafreeze" in p}
     licence = {LICENCE_DIR, LICENCE_DIR + "/LICENSE"}
     assert {re.sub(r"\.gz$", "", p) for p in files} == ours | licence
     assert files[paths.CONFIG] == ["cn", "-rw-------"]
