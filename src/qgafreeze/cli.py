@@ -27,6 +27,7 @@ from .fields import format_duration
 from .model import Config
 from .planner import PhasePlan, build_plan
 from .protocol import app_line
+from .report import empty_document
 from .units import NoManager
 
 
@@ -180,13 +181,23 @@ def _client(op: str, socket: str | None, raw: bool) -> int:
     from .shim import reply_status, request, socket_path, summarize
 
     reply = request(op, socket_path(socket))
-    if raw:
+    if raw and op == "status" and reply.get("ok"):
+        print(json.dumps(status_document(reply), indent=2, sort_keys=True))
+    elif raw:
         print(json.dumps(reply, indent=2, sort_keys=True))
     elif op == "status":
         print(render_status(reply))
     else:
         summarize(reply, sys.stdout)
     return reply_status(reply)
+
+
+def status_document(reply: dict[str, Any]) -> dict[str, Any]:
+    """``status --json``: the last cycle's report (the document the daemon wrote, which the
+    schema describes), with the daemon's live state, the rest of its reply, under ``daemon``."""
+    daemon = dict(reply)
+    document = daemon.pop("report", None) or empty_document()
+    return {**document, "daemon": daemon}
 
 
 def render_status(reply: dict[str, Any]) -> str:

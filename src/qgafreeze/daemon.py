@@ -24,6 +24,7 @@ from .errors import Busy, ConfigError, QgafreezeError
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
 from .model import Config
 from .planner import build_plan
+from .report import ReportFile
 from .server import Peer, Send, Server, activated_listener, bind_listener, notify
 from .shim import socket_path
 from .state import StateFile
@@ -361,6 +362,7 @@ def run(config_path: str) -> int:
         build_actions(config.apps, manager, config.settings.legacy_hook_timeout),
         log,
         state_file=state_file,
+        report_file=ReportFile(),
     )
     if state_file.error:
         log.problem(state_file.error)

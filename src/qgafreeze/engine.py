@@ -30,6 +30,7 @@ from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .model import Config
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, elapsed_ms
 from .planner import Plan
+from .report import CycleReporter, ReportFile
 
 # ABANDON_GRACE is re-exported: the daemon adds it to the deadlines it tells the hook about.
 from .scheduler import ABANDON_GRACE as ABANDON_GRACE
@@ -51,6 +52,11 @@ class CycleReport:
     error: QgafreezeError | None = None
     note: str = ""
     duration_ms: int = 0
+    # Apps the phase had nothing to do for (thaw, rollback), each with the reason.
+    skipped: list[AppOutcome] = field(default_factory=list)
+    started_at: float = 0.0  # wall clock, for the cycle report
+    rollback_at: float = 0.0  # when a failed freeze began to roll back; 0: it did not
+    finished_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """The last cycle, as ``qgafreeze status`` shows it."""
@@ -81,8 +87,10 @@ class Engine:
         clock: Clock = time.monotonic,
         abandon_grace: float = ABANDON_GRACE,
         state_file: StateFile | None = None,
+        report_file: ReportFile | None = None,
     ) -> None:
         self._events = events
+        self._reporter = CycleReporter(events, report_file)
         self._clock = clock
         self._scheduler = Scheduler(clock, abandon_grace)
         self._state_file = state_file
@@ -96,17 +104,17 @@ class Engine:
         self._cycle = ""
         self._frozen_at = 0.0  # wall clock, for status
         self._last: CycleReport | None = None
-        self._watchdog_at: float | None = None  # wall clock: survives a daemon restart
-        self._watchdog_cancel: threading.Event | None = None
+        self._watchdog = _Alarm()
         self._configure(config, plan, actions)
 
     def _configure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
         self._config, self._plan, self._actions = config, plan, actions
+        self._reporter.flag = config.settings.agent_state_file
         self._apps = AppRunner(
             config,
             plan,
             actions,
-            self._events,
+            self._reporter.losses,  # the runner reports through it, so lost sessions are noted
             self._paused,
             self._save,
             self._scheduler,
@@ -138,11 +146,12 @@ class Engine:
             "frozen_since": self._frozen_at if self._state == FROZEN else None,
             "paused_apps": self.paused_apps,
             "watchdog_in_s": None
-            if self._watchdog_at is None
-            else max(0, round(self._watchdog_at - time.time())),
+            if self._watchdog.at is None
+            else max(0, round(self._watchdog.at - time.time())),
             "state_file_error": self._state_file.error if self._state_file else None,
             "apps": list(self._config.app_names),
             "last": None if self._last is None else self._last.summary(),
+            **self._reporter.status(),
         }
 
     def reconfigure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
@@ -197,7 +206,7 @@ class Engine:
         self._cycle = uuid.uuid4().hex[:12]
         self._state = FREEZING
         self._save()
-        report = CycleReport(op="freeze", cycle=self._cycle, reason=reason)
+        report = CycleReport(op="freeze", cycle=self._cycle, reason=reason, started_at=time.time())
         phase_deadline = started + self._config.settings.freeze_timeout
 
         def halts(outcome: AppOutcome) -> bool:
@@ -215,6 +224,7 @@ class Engine:
             report.ok = False
             report.error = _failure(abort[0], "freeze")
             self._state = THAWING
+            report.rollback_at = time.time()
             report.rollback = self._apps.resume_paused(report.cycle, "rollback")
             self._state = THAWED
         else:
@@ -223,13 +233,16 @@ class Engine:
             self._arm_watchdog()
         report.state = self._state
         report.duration_ms = elapsed_ms(self._clock() - started)
+        report.finished_at = time.time()
+        self._reporter.freeze_done(self._config, report)
         self._finish(report)
         return report
 
     def _thaw(self, reason: str) -> CycleReport:
         started = self._clock()
-        self._disarm_watchdog()
-        report = CycleReport(op="thaw", cycle=self._cycle, reason=reason)
+        self._watchdog.disarm()
+        report = CycleReport(op="thaw", cycle=self._cycle, reason=reason, started_at=time.time())
+        ends_cycle = self._state == FROZEN  # else nothing is frozen: no cycle to report on
         if not self._paused:
             report.note = "nothing to thaw: no app is paused"
             if self._state == FROZEN:  # every app was skipped or continued past a failure
@@ -245,6 +258,9 @@ class Engine:
                 report.error = _failure(failed[0], "thaw")
         report.state = self._state
         report.duration_ms = elapsed_ms(self._clock() - started)
+        report.finished_at = time.time()
+        if ends_cycle:
+            self._reporter.thaw_done(self._config, report)
         self._finish(report)
         return report
 
@@ -266,7 +282,7 @@ class Engine:
             "state": self._state,
             "cycle": self._cycle,
             "frozen_at": self._frozen_at,
-            "watchdog_at": self._watchdog_at,
+            "watchdog_at": self._watchdog.at,
             "paused": self._paused.copy(),
         }
 
@@ -282,6 +298,7 @@ class Engine:
         self._frozen_at = float(saved.get("frozen_at") or 0.0)
         if self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):
             self._state = FROZEN
+            self._reporter.recovered = True
             watchdog_at = saved.get("watchdog_at")
             if isinstance(watchdog_at, (int, float)):
                 self._arm_watchdog(max(0.0, watchdog_at - time.time()))
@@ -294,9 +311,8 @@ class Engine:
         if self._config.settings.max_frozen <= 0:
             return
         limit = self._config.settings.max_frozen if after is None else after
-        self._watchdog_at = time.time() + limit
         cycle = self._cycle
-        self._watchdog_cancel = _call_later(limit, lambda: self._watchdog_fired(cycle))
+        self._watchdog.arm(limit, lambda: self._watchdog_fired(cycle))
 
     def _watchdog_fired(self, cycle: str) -> None:
         settings = self._config.settings
@@ -309,12 +325,6 @@ class Engine:
         except QgafreezeError as exc:
             self._events.problem(f"watchdog thaw failed: {exc.message}", cycle)
 
-    def _disarm_watchdog(self) -> None:
-        self._watchdog_at = None
-        if self._watchdog_cancel is not None:
-            self._watchdog_cancel.set()
-            self._watchdog_cancel = None
-
 
 def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
     if outcome.result == TIMEOUT:
@@ -322,13 +332,25 @@ def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
     return CycleFailed(phase, f"{phase} of {outcome.app} {outcome.result}: {outcome.message}")
 
 
-def _call_later(seconds: float, call: Callable[[], None]) -> threading.Event:
-    """Calls ``call`` from a thread after ``seconds``, unless the returned event is set first."""
-    cancel = threading.Event()
+class _Alarm:
+    """Calls ``call`` from a thread ``seconds`` after ``arm``, unless disarmed first."""
 
-    def wait_then_call() -> None:
-        if not cancel.wait(seconds):  # one timed wait, no polling
-            call()
+    def __init__(self) -> None:
+        self.at: float | None = None  # wall clock: survives a daemon restart
+        self._cancel: threading.Event | None = None
 
-    threading.Thread(target=wait_then_call, name="watchdog", daemon=True).start()
-    return cancel
+    def arm(self, seconds: float, call: Callable[[], None]) -> None:
+        self.at = time.time() + seconds
+        cancel = self._cancel = threading.Event()
+
+        def wait_then_call() -> None:
+            if not cancel.wait(seconds):  # one timed wait, no polling
+                call()
+
+        threading.Thread(target=wait_then_call, name="watchdog", daemon=True).start()
+
+    def disarm(self) -> None:
+        self.at = None
+        if self._cancel is not None:
+            self._cancel.set()
+            self._cancel = None

@@ -183,9 +183,11 @@ class LogWriter:
         cycle, outcome = payload
         phase = _hook_phase(outcome.phase)
         text = app_line(outcome.to_dict())
+        # A thaw that had nothing to resume for an app is news, not a problem.
+        calm = outcome.result == OK or (outcome.result == SKIPPED and phase == "thaw")
         self._journal(
             text,
-            PRIORITY_INFO if outcome.result == OK else PRIORITY_WARNING,
+            PRIORITY_INFO if calm else PRIORITY_WARNING,
             MSG_APP_DONE,
             QGAFREEZE_CYCLE=cycle,
             QGAFREEZE_PHASE=phase,

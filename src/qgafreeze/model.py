@@ -14,6 +14,8 @@ CONFIG_VERSION = 1
 
 ON_FAILURE_CHOICES = ("abort", "continue")
 MODES = ("stop", "freeze")  # what happens to an app's units: stopped, or cgroup-frozen
+# What each mode guarantees the snapshot, as the cycle report says it.
+MODE_GUARANTEES = {"stop": "stopped", "freeze": "processes frozen"}
 WHOM = ("all", "main", "control")  # systemd's KillUnit: which of a unit's processes
 
 # What members of settings.allowed_group may ask (protocol.OPS) unless

@@ -18,3 +18,6 @@ HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
 AGENT_STATE_FILE = "/run/qga.state.isfrozen"
 # Commands run with this PATH; a bare program name in the config is looked up in it too.
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The last cycle's report (docs/cycle-report.schema.json), on tmpfs beside the socket: written
+# while the disks are frozen, and read by the host through qemu-ga's guest-file-read after the thaw.
+REPORT_FILE = "/run/qgafreeze/report.json"

@@ -51,6 +51,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What each preset's quiescing guarantees the snapshot, as the cycle report says it (the README's
+# preset table says it at length).
+GUARANTEES: dict[str, str] = {
+    "mariadb": "writes blocked, tables flushed",
+    "mysql": "writes blocked, tables flushed",
+    "postgresql": "checkpoint done, backup started; restore with the backup label saved at the"
+    " thaw to /var/lib/postgresql/qgafreeze-backup_label",
+    "mongodb": "data flushed, writes blocked",
+    "redis": "RDB file complete on disk",
+}
+
+
 def apply_preset(name: str, raw: dict[str, Any]) -> dict[str, Any]:
     """The app as written (``raw``) over the preset ``name``, which must be one of PRESETS."""
     merged: dict[str, Any] = dict(PRESETS[name])

@@ -18,6 +18,17 @@ from . import paths
 STATE_VERSION = 1
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file beside it and a rename, so that a
+    reader (or a daemon killed at any instant) finds the old or the new content, never half.
+    Raises OSError."""
+    temporary = f"{path}.{threading.get_ident()}.tmp"
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
 class StateFile:
     def __init__(self, path: str = paths.STATE_FILE) -> None:
         self.path = path
@@ -26,13 +37,9 @@ class StateFile:
 
     def save(self, data: dict[str, Any]) -> None:
         text = json.dumps({"version": STATE_VERSION, **data}, sort_keys=True)
-        temporary = f"{self.path}.{threading.get_ident()}.tmp"
         with self._lock:
             try:
-                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-                with open(temporary, "w", encoding="utf-8") as handle:
-                    handle.write(text)
-                os.replace(temporary, self.path)
+                write_atomically(self.path, text)
                 self.error = ""
             except OSError as exc:
                 self.error = f"cannot keep the cycle state in {self.path}: {exc.strerror or exc}"
