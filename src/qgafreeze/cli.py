@@ -225,4 +225,8 @@ def render_status(reply: dict[str, Any]) -> str:
             lines.append(f"  {app_line(app)}")
     else:
         lines.append("last cycle: none since the daemon started")
+    doc = reply.get("report")
+    if doc:  # kept across daemon restarts, unlike "last"
+        lines.append(f"snapshot of cycle {doc.get('cycle')}: {doc.get('verdict')}")
+        lines.extend(f"  {reason}" for reason in doc.get("verdict_reasons") or [])
     return "\n".join(lines)

@@ -69,7 +69,8 @@ def timestamps(container: Container, unit: str) -> dict[str, int]:
 
 
 def status(container: Container) -> dict:
-    return json.loads(container.run([CLI, "status", "--json"]).stdout)
+    """The daemon's live state: ``status --json`` prints the last cycle's report around it."""
+    return json.loads(container.run([CLI, "status", "--json"]).stdout)["daemon"]
 
 
 def hook_log(container: Container) -> str:

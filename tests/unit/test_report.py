@@ -11,8 +11,9 @@ from typing import Any
 import jsonschema
 from fakes import FakeSystemd, RecordingEvents
 
+from qgafreeze import paths
 from qgafreeze.actions import build_actions
-from qgafreeze.cli import status_document
+from qgafreeze.cli import render_status, status_document
 from qgafreeze.config import parse_config
 from qgafreeze.engine import Engine
 from qgafreeze.logs import PRIORITY_INFO, LogWriter
@@ -262,3 +263,26 @@ def test_the_last_report_outlives_a_daemon_restart(tmp_path):
     restarted, _, _ = make_engine(tmp_path, {"db": {"units": ["db.service"]}}, systemd)
 
     assert restarted.status()["report"] == written(report_file)
+
+
+def test_status_names_the_verdict_of_the_last_snapshot_and_why(tmp_path):
+    systemd = FakeSystemd({"db.service": "active"})
+    systemd.fail_stop = {"db.service"}
+    apps = {"db": {"units": ["db.service"], "on_failure": "continue"}}
+    engine, _, _ = make_engine(tmp_path, apps, systemd)
+    engine.freeze()
+    engine.thaw()
+
+    text = render_status({"ok": True, "op": "status", **engine.status()})
+
+    assert f"snapshot of cycle {engine.cycle}: crash-consistent" in text.splitlines()
+    assert any(
+        line.startswith("  db: not quiesced: its freeze failed") for line in text.splitlines()
+    )
+
+
+def test_the_report_path_is_where_the_docs_say():
+    repo = Path(__file__).resolve().parents[2]
+    assert paths.REPORT_FILE == "/run/qgafreeze/report.json"
+    for doc in ("README.md", "docs/design.md", "docs/qgafreeze.8"):
+        assert paths.REPORT_FILE in (repo / doc).read_text(), doc
