@@ -86,14 +86,56 @@ def request(
         sock.close()
 
 
+# The first line of the hook's output is all a hypervisor's task log may show: qemu-ga 9.1 and
+# later put the output into the freeze's error (``child process has failed to execute fsfreeze
+# hook: <output>``).  It names every failed app and why, within this many characters.
+FIRST_LINE_LIMIT = 300
+_SHORTEST_REASON = 12  # below this a cut reason says nothing: name the apps alone
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that a terminal or a log would not show as itself (line
+    breaks, escapes, bidirectional controls) written as an escape, so one line stays one line."""
+    return text if text.isprintable() else "".join(map(_escape, text))
+
+
+def _escape(char: str) -> str:
+    if char.isprintable():
+        return char
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 3)] + "..."
+
+
+def failed_apps(reply: dict[str, Any], budget: int) -> str:
+    """``db failed: why; web timeout: why`` for each app that failed the phase, in ``budget``
+    characters: every app named, the reasons cut evenly; with too many apps for any reason, the
+    names alone, then how many more."""
+    parts = [
+        (printable(f"{a.get('app')} {a.get('result')}"), printable(str(a.get("message") or "")))
+        for a in reply.get("apps") or []
+        if a.get("result") in ("failed", "timeout")
+    ]
+    text = "; ".join(f"{name}: {why}" if why else name for name, why in parts)
+    if len(text) <= budget or not parts:
+        return text
+    share = (budget - sum(len(name) + 4 for name, _ in parts)) // len(parts)
+    if share >= _SHORTEST_REASON:
+        return "; ".join(f"{name}: {_cut(why, share)}" for name, why in parts)
+    names = ""
+    for index, (name, _) in enumerate(parts):
+        more = f"; +{len(parts) - index} more"
+        if len(names) + len(name) + 2 + len(more) > budget:
+            return names + more if names else _cut(more.lstrip("; "), budget)
+        names += ("; " if names else "") + name
+    return names
+
+
 def summarize(reply: dict[str, Any], out: TextIO) -> None:
     """One line for the cycle, then one per app: what qemu-ga's caller and the admin will read."""
     op = reply.get("op") or "request"
-    if reply.get("ok"):
-        head = f"{op} ok"
-    else:
-        error = reply.get("error") or {}
-        head = f"{op} FAILED [{error.get('code', '?')}]: {error.get('message', 'no reason given')}"
     details = []
     if "duration_ms" in reply:
         details.append(f"{reply['duration_ms']} ms")
@@ -101,11 +143,20 @@ def summarize(reply: dict[str, Any], out: TextIO) -> None:
         details.append(f"cycle {reply['cycle']}")
     if reply.get("state"):
         details.append(f"state {reply['state']}")
-    print(f"qgafreeze: {head}" + (f" ({', '.join(details)})" if details else ""), file=out)
+    tail = f" ({', '.join(details)})" if details else ""
+    if reply.get("ok"):
+        head = f"qgafreeze: {op} ok"
+    else:
+        error = reply.get("error") or {}
+        head = f"qgafreeze: {op} FAILED [{printable(str(error.get('code', '?')))}]: "
+        budget = FIRST_LINE_LIMIT - len(head) - len(tail)
+        why = failed_apps(reply, budget)
+        head += why or _cut(printable(str(error.get("message", "no reason given"))), budget)
+    print(_cut(head + tail, FIRST_LINE_LIMIT), file=out)
     if reply.get("note"):
-        print(f"qgafreeze: {reply['note']}", file=out)
+        print(f"qgafreeze: {printable(str(reply['note']))}", file=out)
     for app in list(reply.get("apps") or []) + list(reply.get("rollback") or []):
-        print(f"qgafreeze:   {protocol.app_line(app)}", file=out)
+        print(f"qgafreeze:   {printable(protocol.app_line(app))}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reply = request(op, socket_path())
     except QgafreezeError as exc:  # Unreachable, Forbidden, ProtocolError
-        print(f"qgafreeze: {op} FAILED [{exc.code}]: {exc.message}", file=sys.stdout)
+        line = f"qgafreeze: {op} FAILED [{exc.code}]: {printable(exc.message)}"
+        print(_cut(line, FIRST_LINE_LIMIT), file=sys.stdout)
         return exc.exit_code
     summarize(reply, sys.stdout)
     sys.stdout.flush()

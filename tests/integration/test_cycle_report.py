@@ -104,6 +104,8 @@ def test_a_refused_freeze_reads_failed_even_after_the_thaw_a_caller_sends_after_
 
     code, out = hook(c, "freeze")
     assert code != 0, out
+    # What qemu-ga 9.1+ puts into the freeze's error: the first line names the app and why.
+    assert "flaky failed: /bin/false exited with status 1" in out.splitlines()[0], out
     failed = report(c)
     assert failed["verdict"] == "failed" and "flaky" in failed["verdict_reasons"][0]
 
