@@ -286,3 +286,25 @@ def test_the_report_path_is_where_the_docs_say():
     assert paths.REPORT_FILE == "/run/qgafreeze/report.json"
     for doc in ("README.md", "docs/design.md", "docs/qgafreeze.8"):
         assert paths.REPORT_FILE in (repo / doc).read_text(), doc
+
+
+def test_a_cycle_taken_over_from_a_daemon_that_died_frozen_counts_its_sessions_as_lost(tmp_path):
+    apps = {"db": session_app("echo ready; read x"), "web": {"units": ["web.service"]}}
+    systemd = FakeSystemd({"web.service": "active"})
+    dead, _, report_file = make_engine(tmp_path, apps, systemd)
+    assert dead.freeze().ok
+    saved = {"state": "frozen", "cycle": dead.cycle, "paused": {"db": {"session": [1]}}}
+    saved["paused"]["web"] = {"units": ["web.service"]}
+
+    restarted, _, _ = make_engine(tmp_path, apps, systemd)
+    restarted.recover(saved)
+    restarted.thaw()
+
+    doc = written(report_file)
+    assert (doc["cycle"], doc["verdict"]) == (dead.cycle, "crash-consistent")
+    assert (
+        apps_of(doc)["db"]["note"]
+        == "its held session ended when the daemon restarted while frozen"
+    )
+    assert apps_of(doc)["web"]["quiesced"] is True
+    dead.thaw()  # closes the session the first engine still holds
