@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 # Tests and bench scripts import the harness as `container`, whatever pytest import mode is used.
@@ -78,3 +80,21 @@ def installed(container: Container) -> Container:
     )
     assert "qgafreeze.socket is enabled" in result.stdout, result.stdout
     return container
+
+
+REPORT_SCHEMA = json.loads((REPO_ROOT / "docs" / "cycle-report.schema.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _the_cycle_report_left_behind_matches_its_schema(
+    request: pytest.FixtureRequest,
+) -> Iterator[None]:
+    """After every test that ran the installed daemon, its last cycle report validates against
+    docs/cycle-report.schema.json (test_cycle_report.py validates each one it reads)."""
+    yield
+    if "installed" not in request.fixturenames:
+        return
+    container: Container = request.getfixturevalue("installed")
+    read = container.run(["cat", "/run/qgafreeze/report.json"], check=False)
+    if read.returncode == 0:
+        jsonschema.Draft202012Validator(REPORT_SCHEMA).validate(json.loads(read.stdout))
