@@ -76,7 +76,7 @@ def main() -> int:
             c.run(["systemctl", "reset-failed", "qgafreeze.service"])  # StartLimitBurst is 5
             starts.append(timed(c, ["systemctl", "start", "qgafreeze.service"]))
             status = json.loads(c.run([f"{PREFIX}/bin/qgafreeze", "status", "--json"]).stdout)
-            ready.append(float(status["ready_after_exec_ms"]))
+            ready.append(float(status["daemon"]["ready_after_exec_ms"]))
         rss_idle = rss_kib(c)
 
         ping = [timed(c, [HOOK, "ping"]) for _ in range(args.runs)]
