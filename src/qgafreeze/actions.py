@@ -20,6 +20,9 @@ from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step, join_path
 from .trust import session_problems, step_problems
 from .units import UnitManager, UnitState
 
+# "<app>" + this + "<status> while frozen...": the cycle report recognises a lost session by it.
+SESSION_LOST = ": the held session exited with status "
+
 
 class UnitsAction:
     """Stop (or cgroup-freeze) units on freeze; on thaw, resume only those that were running.
@@ -209,7 +212,7 @@ class SessionAction:
 
         def on_exit(status: int) -> None:
             ctx.problem(
-                f"{self._app}: the held session exited with status {status} while frozen:"
+                f"{self._app}{SESSION_LOST}{status} while frozen:"
                 " its lock is gone, the snapshot may not be application-consistent"
             )
 

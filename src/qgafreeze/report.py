@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import paths
 from .actioncontext import StepReport
+from .actions import SESSION_LOST
 from .apprunner import AppEvents
 from .errors import QgafreezeError
 from .model import MODE_GUARANTEES, App, Config
@@ -50,9 +51,6 @@ ACTION_GUARANTEES = {
     "steps": "freeze steps ran",
     "session": "session held until the thaw",
 }
-
-# How SessionAction reports a held session that ended while frozen: "<app>" + this + "...".
-SESSION_LOST = ": the held session exited with status "
 
 Document = dict[str, Any]
 # app -> whether qemu-ga's frozen flag was there when its session ended (None: not watched)
