@@ -323,7 +323,7 @@ install:
 		echo "installed $(DESTDIR)$(SYSCONFDIR)/qgafreeze.yaml (mode 0600, no apps yet)"; \
 	fi; \
 	install -m 0644 config/qgafreeze.yaml "$(DESTDIR)$(DOCDIR)/qgafreeze.yaml.example"; \
-	for f in README.md docs/*.md; do \
+	for f in README.md docs/*.md docs/*.schema.json; do \
 		if [ -f "$$f" ]; then install -m 0644 "$$f" "$(DESTDIR)$(DOCDIR)/"; fi; \
 	done
 	@set -e; \

@@ -228,7 +228,9 @@ def test_fresh_config_declares_no_apps_so_backups_keep_working(installed: tuple[
 def test_docs_are_installed(installed: tuple[Path, str]) -> None:
     destdir, _ = installed
 
-    expected = sorted(p.name for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
+    sources = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("docs/*.schema.json")]
+    expected = sorted(p.name for p in sources if p.is_file())
+    assert "cycle-report.schema.json" in expected  # the host validates the report against it
     expected = sorted([*expected, "qgafreeze.yaml.example"])
     assert sorted(p.name for p in (destdir / DOCS).glob("*")) == expected
 
