@@ -195,7 +195,9 @@ def journal(vm: VM, *matches: str) -> list[dict[str, Any]]:
 
 
 def qgafreeze_status(vm: VM) -> dict[str, Any]:
-    return dict(json.loads(sh(vm, "qgafreeze status --json").stdout))
+    """The daemon's live status: `status --json` gives it under "daemon", beside the report of
+    the last cycle."""
+    return dict(json.loads(sh(vm, "qgafreeze status --json").stdout)["daemon"])
 
 
 def run_in_background(vm: VM, unit: str, script: str) -> None:

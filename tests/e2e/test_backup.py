@@ -40,9 +40,9 @@ EVERY_SUITE = pytest.mark.suites("bullseye", "bookworm", "trixie")
 
 
 @pytest.fixture(scope="module")
-def guest(vm_factory) -> VM:
+def guest(vm_factory, deb_package) -> VM:
     vm = vm_factory(name="guest")
-    install(vm)
+    install(vm, deb_package)
     conf = sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
     assert f"fsfreeze-hook={HOOK}" in conf
     configure(vm, MARIADB_APP)

@@ -48,9 +48,9 @@ mariadb -e "INSERT INTO qgf.legacy VALUES ({id})" && echo "write-done $(date +%s
 
 
 @pytest.fixture(scope="module")
-def guest(vm_factory) -> VM:
+def guest(vm_factory, deb_package) -> VM:
     vm = vm_factory(name="legacy")
-    install(vm)
+    install(vm, deb_package)
     wait_for(vm, "systemctl is-active mariadb.service")
     sh(
         vm,
