@@ -1,0 +1,216 @@
+"""The Debian package in a fresh guest of each release, the way an admin runs it: installed
+offline with apt-get, qemu-ga running its hook, its man pages, an upgrade over an older build
+while apps are declared and a backup is in progress, and a purge that leaves qemu-ga's files as
+they were before install.
+
+The tests of this module run in order on one guest per suite: each starts where the one before
+left the package (installed at the older version, then upgraded, then purged).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guest import (
+    HOOK,
+    HOOK_LOG,
+    guest_path,
+    install_package,
+    qgafreeze_status,
+    run_in_background,
+    sh,
+    wait_for,
+)
+from vm import VM
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EVERY_SUITE = pytest.mark.suites("bullseye", "bookworm", "trixie")
+pytestmark = EVERY_SUITE
+
+# What qemu-ga reads and the package may touch, listed with modes, owners and contents, so that
+# a file created, changed or left behind shows as a difference.
+QGA_FILES = (
+    "cd /etc && find qemu -printf '%y %m %U:%G %p -> %l\\n' | sort"
+    " && find qemu -type f -exec sha256sum {} + | sort"
+)
+DUMMY_UNIT = "qgf-pkg-dummy.service"
+DUMMY_UNIT_TEXT = """[Unit]
+Description=an application qgafreeze quiesces in the package tests
+[Service]
+ExecStart=/bin/sleep infinity
+"""
+# The admin's own config, replacing the packaged one: a comment of theirs and one app.  No
+# agent_state_file watch is needed by the hand-made freeze below, which qemu-ga never sees.
+ADMIN_CONFIG = f"""# edited by the admin: kept across upgrades
+version: 1
+settings:
+  freeze_timeout: 5m
+  thaw_timeout: 5m
+apps:
+  dummy:
+    units: [{DUMMY_UNIT}]
+    timeout: 4m
+"""
+UPGRADE_LOG = "/run/qgf-upgrade.log"
+UPGRADE_RC = "/run/qgf-upgrade.rc"
+
+
+def _make_deb(version: str) -> Path:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    result = subprocess.run(
+        ["make", "-C", str(REPO_ROOT), "deb", f"DEB_VERSION={version}"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"make deb DEB_VERSION={version} failed:\n{result.stdout}\n{result.stderr}")
+    return REPO_ROOT / "dist" / f"qgafreeze_{version}_all.deb"
+
+
+def _version_of(deb: Path) -> str:
+    return deb.name.split("_")[1]
+
+
+@pytest.fixture(scope="module")
+def older_package(deb_package: Path) -> Iterator[Path]:
+    """The same tree built as a version dpkg orders before this one (`~` sorts first)."""
+    older = _make_deb(f"{_version_of(deb_package)}~older")
+    yield older
+    older.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def guest(vm_factory, older_package: Path) -> Iterator[tuple[VM, str]]:
+    """A fresh guest with the older package installed; also what qemu-ga's files were before."""
+    vm = vm_factory(name="package")
+    before = sh(vm, QGA_FILES).stdout
+    vm.qga.write_file(f"/etc/systemd/system/{DUMMY_UNIT}", DUMMY_UNIT_TEXT.encode())
+    sh(vm, f"systemctl daemon-reload && systemctl start {DUMMY_UNIT}")
+    install_package(vm, guest_path(older_package))
+    yield vm, before
+
+
+def _installed_version(vm: VM) -> str:
+    return sh(vm, "dpkg-query -W -f '${Version}' qgafreeze").stdout
+
+
+def _unit_state(vm: VM, *args: str) -> str:
+    return sh(vm, f"systemctl {' '.join(args)}", check=False).stdout.strip()
+
+
+def _backup_through_qemu_ga(vm: VM) -> str:
+    """A freeze and thaw through the real qemu-ga; the hook log lines they added."""
+    sh(vm, f"truncate -s0 {HOOK_LOG}")
+    # While frozen, qemu-ga runs no command: the hook log tells what happened in between.
+    assert vm.qga.fsfreeze_freeze() >= 1
+    vm.qga.fsfreeze_thaw()
+    log = vm.qga.read_file(HOOK_LOG).decode()
+    assert f"{DUMMY_UNIT}: stopped" in log, log
+    assert _unit_state(vm, "is-active", DUMMY_UNIT) == "active"
+    return log
+
+
+def test_the_package_installs_offline_wiring_qemu_ga_and_enabling_only_the_socket(
+    guest, older_package
+):
+    vm, _ = guest
+    assert _installed_version(vm) == _version_of(older_package)
+    conf = sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+    assert f"fsfreeze-hook={HOOK}" in conf
+    assert _unit_state(vm, "is-enabled", "qgafreeze.socket") == "enabled"
+    assert _unit_state(vm, "is-active", "qgafreeze.socket") == "active"
+    # Socket-activated: the service is started by the first request, never enabled on its own.
+    assert _unit_state(vm, "is-enabled", "qgafreeze.service") == "disabled"
+    assert sh(vm, "stat -c '%a %U:%G' /etc/qgafreeze.yaml").stdout.split() == ["600", "root:root"]
+    # dh_python3 compiled the private package at install time.
+    sh(vm, "ls /usr/lib/qgafreeze/qgafreeze/__pycache__/shim.*.pyc")
+
+
+def test_qemu_ga_runs_the_packaged_hook_for_a_declared_app(guest):
+    vm, _ = guest
+    vm.qga.write_file("/etc/qgafreeze.yaml", ADMIN_CONFIG.encode())
+    sh(vm, "systemctl restart qgafreeze.service")
+    log = _backup_through_qemu_ga(vm)
+    for phase in ("freeze", "thaw"):
+        assert f"execute qgafreeze:dummy {phase}" in log, log
+    assert log.count("qgafreeze:dummy finished with status=0") == 2, log
+
+
+def test_both_man_pages_are_installed(guest):
+    vm, _ = guest
+    page = sh(vm, "man -P cat qgafreeze").stdout
+    assert "EXIT STATUS" in page and "THE HOOK" in page
+    assert "SETTINGS" in sh(vm, "man -P cat 5 qgafreeze.yaml").stdout
+
+
+def test_an_upgrade_during_a_freeze_waits_for_the_thaw_then_restarts_the_daemon_keeping_edits(
+    guest, deb_package
+):
+    vm, _ = guest
+    # The state a backup is in between its freeze and thaw hooks, made by hand so that the
+    # disks stay writable for dpkg.
+    sh(vm, "qgafreeze freeze")
+    frozen = qgafreeze_status(vm)
+    assert frozen["state"] == "frozen" and frozen["paused_apps"] == ["dummy"]
+    run_in_background(
+        vm,
+        "qgf-upgrade",
+        f"DEBIAN_FRONTEND=noninteractive apt-get install -y {guest_path(deb_package)}"
+        f" > {UPGRADE_LOG} 2>&1; echo $? > {UPGRADE_RC}",
+    )
+    wait_for(vm, f"grep -q 'waiting for the backup to end' {UPGRADE_LOG}", timeout=600)
+    still = qgafreeze_status(vm)
+    assert (still["state"], still["pid"]) == ("frozen", frozen["pid"])
+    assert _unit_state(vm, "is-active", DUMMY_UNIT) != "active"
+
+    sh(vm, "qgafreeze thaw")
+    wait_for(vm, f"test -s {UPGRADE_RC}", timeout=600)
+    log = sh(vm, f"cat {UPGRADE_LOG}").stdout
+    assert sh(vm, f"cat {UPGRADE_RC}").stdout.strip() == "0", log
+    assert _installed_version(vm) == _version_of(deb_package)
+    after = qgafreeze_status(vm)
+    assert after["pid"] != frozen["pid"] and after["version"] == _version_of(deb_package), after
+    assert after["apps"] == ["dummy"]
+    assert vm.qga.read_file("/etc/qgafreeze.yaml").decode() == ADMIN_CONFIG
+    assert sh(vm, "stat -c %a /etc/qgafreeze.yaml").stdout.strip() == "600"
+    assert "qgafreeze:dummy finished with status=0" in _backup_through_qemu_ga(vm)
+
+
+def test_purge_leaves_qemu_ga_as_before_install_and_removes_config_and_units(guest):
+    vm, before = guest
+    result = vm.run_unit(["apt-get", "purge", "-y", "qgafreeze"], timeout=900)
+    assert result.exitcode == 0, f"{result.stdout}\n{result.stderr}"
+    assert sh(vm, QGA_FILES).stdout == before
+    sh(vm, "test ! -e /etc/qgafreeze.yaml && test ! -e /usr/lib/qgafreeze")
+    sh(vm, "test ! -e /usr/lib/systemd/system/qgafreeze.socket")
+    sh(vm, "test ! -e /lib/systemd/system/qgafreeze.socket")
+    assert _unit_state(vm, "cat", "qgafreeze.socket") == ""
+    # qemu-ga, restarted by the removal, freezes and thaws without running the hook.
+    sh(vm, f"truncate -s0 {HOOK_LOG}")
+    assert vm.qga.fsfreeze_freeze() >= 1
+    vm.qga.fsfreeze_thaw()
+    assert "qgafreeze" not in vm.qga.read_file(HOOK_LOG).decode()
+
+
+def test_purge_restores_an_existing_qemu_ga_conf_byte_for_byte(guest, deb_package):
+    vm, _ = guest
+    # An admin's own file: their hook, another setting, comments, no final newline.
+    own = b"# the admin's\n[general]\nverbose=false\nfsfreeze-hook=/etc/qemu/fsfreeze-hook\n# end"
+    vm.qga.write_file("/etc/qemu/qemu-ga.conf", own)
+    sh(vm, "chmod 640 /etc/qemu/qemu-ga.conf")
+    before = sh(vm, QGA_FILES).stdout
+    install_package(vm, guest_path(deb_package))
+    assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+    result = vm.run_unit(["apt-get", "purge", "-y", "qgafreeze"], timeout=900)
+    assert result.exitcode == 0, f"{result.stdout}\n{result.stderr}"
+    assert sh(vm, QGA_FILES).stdout == before
+    assert vm.qga.read_file("/etc/qemu/qemu-ga.conf") == own
