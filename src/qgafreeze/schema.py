@@ -110,19 +110,23 @@ SETTINGS = Section(
         Key(
             "freeze_timeout",
             _DURATION,
-            "The whole freeze phase must finish in this, or it fails and rolls back.",
-            "60s",
+            "The whole freeze phase must finish in this, or it fails and rolls back; with"
+            " thaw_timeout for the rollback it answers within the 60 s callers wait"
+            " (docs/callers.md).",
+            "20s",
         ),
         Key(
             "thaw_timeout",
             _DURATION,
-            "The whole thaw phase (and a rollback) must finish in this.",
-            "2m",
+            "The whole thaw phase (and a rollback) must finish in this; within the 20 s"
+            " KubeVirt waits for a thaw (docs/callers.md).",
+            "15s",
         ),
         Key(
             "max_frozen",
             _DURATION,
-            "Watchdog: resume every app if no thaw arrives in this; 0 turns it off.",
+            "Watchdog: resume every app if no thaw arrives in this, longer than callers hold"
+            " a freeze (docs/callers.md); 0 turns it off.",
             "15m",
         ),
         Key(

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from typing import Any, Callable, TextIO
 
 CONNECT_TIMEOUT = 5.0
-# Time for the daemon to accept a request, including its start-up under socket activation.
-ACCEPT_TIMEOUT = 30.0
+# Time for the daemon to accept a request, including its start-up under socket activation
+# (about 0.2 s, docs/performance.md).  Kept short because it adds to the announced cycle time
+# in the worst case, and the sum must stay within what the callers wait (docs/callers.md).
+ACCEPT_TIMEOUT = 10.0
 REPLY_MARGIN = 5.0
 
 

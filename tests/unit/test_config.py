@@ -48,8 +48,8 @@ def test_the_shipped_example_config_is_valid_and_uses_every_setting():
 
 def test_defaults_are_safe_when_settings_are_omitted():
     config = parse_text("version: 1\napps:\n  db:\n    units: [mariadb]\n")
-    assert config.settings.freeze_timeout == 60
-    assert config.settings.thaw_timeout == 120
+    assert config.settings.freeze_timeout == 20
+    assert config.settings.thaw_timeout == 15
     assert config.settings.max_frozen == 900
     assert config.app("db").on_failure == "abort"
     assert config.app("db").units == ("mariadb.service",)
