@@ -45,7 +45,8 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm deb
+.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm deb \
+	install-host uninstall-host
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -64,6 +65,8 @@ help:
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
 	@echo "make uninstall    undo install (keeps $(SYSCONFDIR)/qgafreeze.yaml)"
+	@echo "make install-host install qgafreeze-host alone, on the hypervisor (no guest parts)"
+	@echo "make uninstall-host  undo install-host"
 
 deps:
 	@set -e; \
@@ -385,3 +388,31 @@ uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload || echo "warning: systemctl daemon-reload failed" >&2; \
 	fi
+
+# The hypervisor's side alone: qgafreeze-host and its package, standard library only, none of
+# the guest's parts and nothing to configure (docs/host.md).  The package is staged beside its
+# place and swapped in by rename, so that a backup starting meanwhile never sees half of it.
+HOST_LIBDIR = $(PREFIX)/lib/qgafreeze-host
+HOST_DOCDIR = $(PREFIX)/share/doc/qgafreeze-host
+install-host:
+	@set -e; \
+	lib="$(DESTDIR)$(HOST_LIBDIR)"; \
+	install -d -m 0755 "$$lib" "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(HOST_DOCDIR)"; \
+	rm -rf "$$lib/qgafreeze_host.new" "$$lib/qgafreeze_host.old"; \
+	install -d -m 0755 "$$lib/qgafreeze_host.new"; \
+	install -m 0644 src/qgafreeze_host/*.py "$$lib/qgafreeze_host.new/"; \
+	$(PYTHON) -m compileall -q -d "$(HOST_LIBDIR)/qgafreeze_host" "$$lib/qgafreeze_host.new"; \
+	if [ -d "$$lib/qgafreeze_host" ]; then mv "$$lib/qgafreeze_host" "$$lib/qgafreeze_host.old"; fi; \
+	mv "$$lib/qgafreeze_host.new" "$$lib/qgafreeze_host"; \
+	rm -rf "$$lib/qgafreeze_host.old"; \
+	printf '%s\n' '#!$(PYTHON) -IB' 'import sys' 'sys.path.insert(0, "$(HOST_LIBDIR)")' \
+		'from qgafreeze_host.cli import main' 'raise SystemExit(main())' \
+		> "$(DESTDIR)$(BINDIR)/.qgafreeze-host.tmp"; \
+	chmod 0755 "$(DESTDIR)$(BINDIR)/.qgafreeze-host.tmp"; \
+	mv -f "$(DESTDIR)$(BINDIR)/.qgafreeze-host.tmp" "$(DESTDIR)$(BINDIR)/qgafreeze-host"; \
+	install -m 0644 docs/host.md docs/cycle-report.schema.json "$(DESTDIR)$(HOST_DOCDIR)/"; \
+	echo "installed $(DESTDIR)$(BINDIR)/qgafreeze-host"
+
+uninstall-host:
+	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze-host"
+	rm -rf "$(DESTDIR)$(HOST_LIBDIR)" "$(DESTDIR)$(HOST_DOCDIR)"
