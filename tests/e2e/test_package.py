@@ -80,12 +80,17 @@ def _version_of(deb: Path) -> str:
     return deb.name.split("_")[1]
 
 
+_older_builds: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
-def older_package(deb_package: Path) -> Iterator[Path]:
-    """The same tree built as a version dpkg orders before this one (`~` sorts first)."""
-    older = _make_deb(f"{_version_of(deb_package)}~older")
-    yield older
-    older.unlink(missing_ok=True)
+def older_package(deb_package: Path) -> Path:
+    """The tree built as a version dpkg orders before this one (`~` sorts first); once a
+    session, though pytest sets this fixture up again for each suite."""
+    version = f"{_version_of(deb_package)}~older"
+    if version not in _older_builds:
+        _older_builds[version] = _make_deb(version)
+    return _older_builds[version]
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +164,30 @@ def test_an_upgrade_during_a_freeze_waits_for_the_thaw_then_restarts_the_daemon_
     # The state a backup is in between its freeze and thaw hooks, made by hand so that the
     # disks stay writable for dpkg.
     sh(vm, "qgafreeze freeze")
-    frozen = qgafreeze_status(vm)
-    assert frozen["state"] == "frozen" and frozen["paused_apps"] == ["dummy"]
-    run_in_background(
-        vm,
-        "qgf-upgrade",
-        f"DEBIAN_FRONTEND=noninteractive apt-get install -y {guest_path(deb_package)}"
-        f" > {UPGRADE_LOG} 2>&1; echo $? > {UPGRADE_RC}",
-    )
-    wait_for(vm, f"grep -q 'waiting for the backup to end' {UPGRADE_LOG}", timeout=600)
-    still = qgafreeze_status(vm)
-    assert (still["state"], still["pid"]) == ("frozen", frozen["pid"])
-    assert _unit_state(vm, "is-active", DUMMY_UNIT) != "active"
-
-    sh(vm, "qgafreeze thaw")
+    try:
+        frozen = qgafreeze_status(vm)
+        assert frozen["state"] == "frozen" and frozen["paused_apps"] == ["dummy"]
+        # As unattended upgrades run it: no prompt, and an edited conffile is kept even when
+        # the packaged one changed (the tree may have moved on since the older build).
+        run_in_background(
+            vm,
+            "qgf-upgrade",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -o Dpkg::Options::=--force-confdef"
+            f" -o Dpkg::Options::=--force-confold {guest_path(deb_package)}"
+            f" > {UPGRADE_LOG} 2>&1; echo $? > {UPGRADE_RC}",
+        )
+        wait_for(
+            vm,
+            f"grep -q 'waiting for the backup to end' {UPGRADE_LOG} || test -s {UPGRADE_RC}",
+            timeout=600,
+        )
+        log = sh(vm, f"cat {UPGRADE_LOG}").stdout
+        assert "waiting for the backup to end" in log, log
+        still = qgafreeze_status(vm)
+        assert (still["state"], still["pid"]) == ("frozen", frozen["pid"])
+        assert _unit_state(vm, "is-active", DUMMY_UNIT) != "active"
+    finally:
+        sh(vm, "qgafreeze thaw", check=False)
     wait_for(vm, f"test -s {UPGRADE_RC}", timeout=600)
     log = sh(vm, f"cat {UPGRADE_LOG}").stdout
     assert sh(vm, f"cat {UPGRADE_RC}").stdout.strip() == "0", log
