@@ -56,6 +56,7 @@ def configure_qemu_ga(hook: str, root: str = "/") -> list[str]:
         text, mode = _read(target.path)
         current = target.get(text)
         if current is not None and _same_path(current, hook):
+            # debian/postinst restarts qemu-ga unless it reads "nothing changed" here.
             lines.append(f"qemu-ga already runs {hook} ({target.path}): nothing changed")
         else:
             backup = target.path + BACKUP_SUFFIX
