@@ -64,7 +64,7 @@ def libvirt(
         if reporter is not None and capture is not None:
             # Past the capture, so that the times are seen in a plain run.
             with capture.global_and_fixture_disabled():
-                reporter.ensure_newline()
+                reporter.write("\n")  # the progress dots do not end their line
                 reporter.write_line(
                     "libvirt caller: " + ", ".join(f"{k} {v:.1f} s" for k, v in _timings.items())
                 )
