@@ -80,17 +80,13 @@ def _version_of(deb: Path) -> str:
     return deb.name.split("_")[1]
 
 
-_older_builds: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="module")
-def older_package(deb_package: Path) -> Path:
-    """The tree built as a version dpkg orders before this one (`~` sorts first); once a
-    session, though pytest sets this fixture up again for each suite."""
-    version = f"{_version_of(deb_package)}~older"
-    if version not in _older_builds:
-        _older_builds[version] = _make_deb(version)
-    return _older_builds[version]
+@pytest.fixture(scope="session")
+def older_package(deb_package: Path) -> Iterator[Path]:
+    """The tree built as a version dpkg orders before this one (`~` sorts first), once a
+    session; removed after, so that dist/ holds one qgafreeze_*.deb to install."""
+    older = _make_deb(f"{_version_of(deb_package)}~older")
+    yield older
+    older.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
