@@ -10,6 +10,7 @@ left the package (installed at the older version, then upgraded, then purged).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from guest import (
     HOOK_LOG,
     guest_path,
     install_package,
+    qemu_ga_version,
     qgafreeze_status,
     run_in_background,
     sh,
@@ -144,6 +146,21 @@ def test_qemu_ga_runs_the_packaged_hook_for_a_declared_app(guest):
     for phase in ("freeze", "thaw"):
         assert f"execute qgafreeze:dummy {phase}" in log, log
     assert log.count("qgafreeze:dummy finished with status=0") == 2, log
+
+
+def test_the_readmes_platform_row_names_this_guests_qemu_ga_systemd_and_python(guest, suite):
+    vm, _ = guest
+    readme = (REPO_ROOT / "README.md").read_text()
+    row = re.search(
+        rf"^\| Debian \d+ {suite} \(qemu-ga ([\d.]+), systemd (\d+), Python ([\d.]+)\)",
+        readme,
+        re.M,
+    )
+    assert row is not None, f"README's platform table has no row for {suite}"
+    qga, systemd, python = row.groups()
+    assert "%d.%d" % qemu_ga_version(vm) == qga
+    assert sh(vm, "systemctl --version").stdout.split()[1] == systemd
+    assert sh(vm, "python3 --version").stdout.split()[1].startswith(python + ".")
 
 
 def test_both_man_pages_are_installed(guest):

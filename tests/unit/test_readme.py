@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -78,3 +79,26 @@ def test_the_readmes_check_sessions_are_what_check_prints(tmp_path):
             )
             ran += 1
     assert ran >= 2
+
+
+def platform_rows() -> dict[str, str]:
+    """README's platform table: the platform cell -> the status cell."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("| platform | installed as | status |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[1:]]
+    return {cells[0].strip(): cells[2].strip() for cells in rows}
+
+
+def test_the_platform_table_says_tested_in_a_vm_for_exactly_the_vm_tiers_guests():
+    # The VM tier's own list, read from its source (importing it would pull in its harness).
+    source = (REPO / "tests/e2e/image.py").read_text()
+    suites = ast.literal_eval(re.search(r"^SUITES = (\(.*?\))$", source, re.M).group(1))  # type: ignore[union-attr]
+
+    tested = [
+        re.search(r"Debian \d+ (\w+)", platform).group(1)  # type: ignore[union-attr]
+        for platform, status in platform_rows().items()
+        if status.startswith("tested in a VM")
+    ]
+    assert sorted(tested) == sorted(suites)
+    others = [s for p, s in platform_rows().items() if not p.startswith("Debian")]
+    assert others and all(s.startswith(("untested", "built and checked here")) for s in others)
