@@ -177,6 +177,16 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         # The old hook directory is one more app: other apps may depend on it by this name.
         apps.append(legacy_app(settings.legacy_hooks, settings.freeze_timeout))
 
+    for app in apps:
+        # Valid, but the phase's deadline would end the app's part first: say so, not silently.
+        for phase, limit in (("freeze", settings.freeze_timeout), ("thaw", settings.thaw_timeout)):
+            if app.name in raw_apps and app.timeout > limit:
+                problems.warn(
+                    f"apps.{app.name}.timeout",
+                    f"{fields.format_duration(app.timeout)} is longer than settings.{phase}_timeout"
+                    f" ({fields.format_duration(limit)}): the {phase} gives up on this app first",
+                )
+
     names = {app.name for app in apps}
     for app in apps:
         if app.name not in raw_apps:

@@ -210,7 +210,7 @@ APP = Section(
             "Apps this one uses: it is quiesced before them and resumed after them.",
             "[]",
         ),
-        Key("timeout", _DURATION, "This app's part of a phase must finish in this.", "30s"),
+        Key("timeout", _DURATION, "This app's part of a phase must finish in this.", "15s"),
         Key(
             "on_failure",
             "word",

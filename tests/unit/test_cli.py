@@ -39,7 +39,7 @@ def test_check_lists_every_action_of_every_app_in_order():
     out = qgafreeze("check", "-c", str(REPO / "config" / "qgafreeze.yaml")).stdout
     apps = out.split("apps (", 1)[1]
     assert (
-        "mariadb: timeout 30s, on failure abort, preset mariadb\n    1. hold a session: mariadb"
+        "mariadb: timeout 15s, on failure abort, preset mariadb\n    1. hold a session: mariadb"
         in apps
     )
     assert "metrics: timeout 10s, on failure continue\n    1. freeze the processes of" in apps

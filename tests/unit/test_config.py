@@ -99,6 +99,22 @@ def test_the_socket_line_every_earlier_install_wrote_is_ignored_with_a_warning()
     )
 
 
+def test_an_app_timeout_longer_than_its_phase_is_valid_but_warned_about():
+    config = parse_text(
+        "settings:\n  freeze_timeout: 20s\n  thaw_timeout: 1m\n"
+        "apps:\n  db:\n    units: [a]\n    timeout: 30s\n"
+    )
+    assert config.warnings == (
+        "apps.db.timeout: 30s is longer than settings.freeze_timeout (20s): the freeze gives up"
+        " on this app first",
+    )
+
+
+def test_the_default_app_timeout_fits_both_default_phases():
+    assert parse_text("apps:\n  db:\n    units: [a]\n").warnings == ()
+    assert parse_text((REPO / "config" / "qgafreeze.yaml").read_text()).warnings == ()
+
+
 def test_unknown_app_key_is_an_error_not_ignored():
     assert problems("apps:\n  db:\n    units: [a]\n    timout: 3s\n") == [
         "apps.db.timout: unknown key (allowed: preset, units, mode, session, freeze, thaw,"
