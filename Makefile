@@ -60,8 +60,8 @@ help:
 	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
 	@echo "make selinux      compile the SELinux module (RHEL family) into build/selinux"
-	@echo "make rpm          build the noarch RPM and its -selinux subpackage into dist/"
-	@echo "make deb          build the Debian package dist/qgafreeze_VERSION_all.deb"
+	@echo "make rpm          build the noarch RPM and its -selinux and -host subpackages into dist/"
+	@echo "make deb          build dist/qgafreeze_VERSION_all.deb and its -host package (hypervisor)"
 	@echo "make docs         regenerate the settings table and qgafreeze.yaml(5) from the schema"
 	@echo "make install      install under DESTDIR/PREFIX; with no DESTDIR also configure"
 	@echo "                  qemu-ga and enable qgafreeze.socket"
@@ -179,12 +179,14 @@ rpm:
 	rpmbuild -bb --quiet $$extra --define "_topdir $(RPM_TOPDIR)" \
 		--define "_rpmdir $(RPM_DIST)" --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
 		--define "qgafreeze_version $(VERSION)" qgafreeze.spec; \
-	ls "$(RPM_DIST)"/qgafreeze-$(VERSION)-*.noarch.rpm "$(RPM_DIST)"/qgafreeze-selinux-$(VERSION)-*.noarch.rpm
+	ls "$(RPM_DIST)"/qgafreeze-$(VERSION)-*.noarch.rpm "$(RPM_DIST)"/qgafreeze-selinux-$(VERSION)-*.noarch.rpm \
+		"$(RPM_DIST)"/qgafreeze-host-$(VERSION)-*.noarch.rpm
 
-# The Debian package, built with debhelper (debian/rules runs this Makefile's install) in a
-# scratch copy of the tree under $TMPDIR, so that a build leaves nothing in the tree but
-# dist/qgafreeze_VERSION_all.deb.  debian/changelog must name the version __init__.py does (a
-# unit test checks it too).  DEB_VERSION=X builds the same tree as version X, changelog and
+# The Debian packages, built with debhelper (debian/rules runs this Makefile's install and
+# install-host) in a scratch copy of the tree under $TMPDIR, so that a build leaves nothing in
+# the tree but dist/qgafreeze_VERSION_all.deb (the guest's) and
+# dist/qgafreeze-host_VERSION_all.deb (the hypervisor's).  debian/changelog must name the
+# version __init__.py does (a unit test checks it too).  DEB_VERSION=X builds the same tree as version X, changelog and
 # __version__ rewritten in the copy: the VM tier upgrades over such an older build.
 DEB_VERSION ?= $(VERSION)
 DEB_SOURCES = Makefile README.md LICENSE pyproject.toml src systemd config docs debian
@@ -207,9 +209,11 @@ deb:
 	fi; \
 	(cd "$$scratch/qgafreeze" && dpkg-buildpackage -b -us -uc); \
 	mkdir -p dist; \
-	cp "$$scratch/qgafreeze_$(DEB_VERSION)_all.deb" "dist/.qgafreeze_$(DEB_VERSION)_all.deb.tmp"; \
-	mv -f "dist/.qgafreeze_$(DEB_VERSION)_all.deb.tmp" "dist/qgafreeze_$(DEB_VERSION)_all.deb"; \
-	echo "built dist/qgafreeze_$(DEB_VERSION)_all.deb"
+	for p in qgafreeze qgafreeze-host; do \
+		cp "$$scratch/$${p}_$(DEB_VERSION)_all.deb" "dist/.$${p}_$(DEB_VERSION)_all.deb.tmp"; \
+		mv -f "dist/.$${p}_$(DEB_VERSION)_all.deb.tmp" "dist/$${p}_$(DEB_VERSION)_all.deb"; \
+		echo "built dist/$${p}_$(DEB_VERSION)_all.deb"; \
+	done
 
 # Where install puts the units (tests ask, rather than repeat the rule above).
 unitdir:

@@ -1,4 +1,5 @@
-"""The RHEL family's package: the RPM that `make rpm` builds and the SELinux module it carries.
+"""The RHEL family's package: the RPM that `make rpm` builds, the SELinux module it carries, and
+its -host subpackage for the hypervisor.
 
 Built here with Debian's rpmbuild and checkpolicy; no test installs them on a RHEL machine.
 """
@@ -29,6 +30,8 @@ RHEL_LAYOUT = {
     "DOCDIR": "/usr/share/doc/qgafreeze",
 }
 LICENCE_DIR = "/usr/share/licenses/qgafreeze"
+# What the spec passes to `make install-host` for the -host subpackage.
+RHEL_HOST_LAYOUT = {"PREFIX": "/usr", "BINDIR": "/usr/bin"}
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
@@ -46,10 +49,12 @@ def run(argv: list[str], cwd: Path = REPO) -> str:
     return result.stdout
 
 
-def installed_tree(destdir: Path) -> dict[str, Path]:
-    """Every path `make install` makes for the spec, as the target system sees it."""
-    layout = [f"{key}={value}" for key, value in RHEL_LAYOUT.items()]
-    run(["make", "--no-print-directory", "install", f"DESTDIR={destdir}", *layout])
+def installed_tree(
+    destdir: Path, target: str = "install", layout: dict[str, str] = RHEL_LAYOUT
+) -> dict[str, Path]:
+    """Every path `make target` makes for the spec, as the target system sees it."""
+    values = [f"{key}={value}" for key, value in layout.items()]
+    run(["make", "--no-print-directory", target, f"DESTDIR={destdir}", *values])
     tree: dict[str, Path] = {}
     for root, dirs, files in os.walk(destdir):
         for name in dirs + files:
@@ -156,21 +161,21 @@ def test_the_rpm_takes_its_version_from_the_package_alone():
     assert printed.strip() == __version__
 
 
-@needs_make
-@pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="rpm (rpmbuild) is not installed")
+@pytest.fixture(scope="module")
+def rpm_dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make rpm`, once for the module's tests: the directory that holds the three RPMs."""
+    if shutil.which("make") is None or shutil.which("rpmbuild") is None:
+        pytest.skip("GNU make or rpm (rpmbuild) is not installed")
+    work = tmp_path_factory.mktemp("rpm")
+    dist = work / "dist"
+    run(["make", "--no-print-directory", "rpm", f"RPM_TOPDIR={work / 'rpm'}", f"RPM_DIST={dist}"])
+    return dist
+
+
 def test_the_rpm_holds_what_make_install_installs_with_the_config_kept_and_the_hook_wired(
-    tmp_path,
+    tmp_path, rpm_dist
 ):
-    dist = tmp_path / "dist"
-    run(
-        [
-            "make",
-            "--no-print-directory",
-            "rpm",
-            f"RPM_TOPDIR={tmp_path / 'rpm'}",
-            f"RPM_DIST={dist}",
-        ]
-    )
+    dist = rpm_dist
     main = dist / f"qgafreeze-{__version__}-1.noarch.rpm"
     selinux = dist / f"qgafreeze-selinux-{__version__}-1.noarch.rpm"
 
@@ -228,3 +233,24 @@ def test_the_licence_is_gpl_2_or_later_in_every_place_that_names_it():
     copyright_ = (REPO / "debian" / "copyright").read_text()
     stanzas = {s.split("\n", 1)[0]: s for s in copyright_.split("\n\n")}
     assert re.search(r"^License: (.*)$", stanzas["Files: *"], flags=re.M).group(1) == expected
+
+
+def test_the_host_subpackage_holds_what_make_install_host_installs_and_needs_python3_alone(
+    tmp_path, rpm_dist
+):
+    host = rpm_dist / f"qgafreeze-host-{__version__}-1.noarch.rpm"
+    files = set(run(["rpm", "-qlp", str(host)]).split())
+    tree = installed_tree(tmp_path, "install-host", RHEL_HOST_LAYOUT)
+    # The subpackage owns what install-host makes but the system's directories (/usr/bin).
+    ours = {p for p in tree if "qgafreeze-host" in p}
+    licence = {"/usr/share/licenses/qgafreeze-host", "/usr/share/licenses/qgafreeze-host/LICENSE"}
+    assert files == ours | licence
+    assert "/usr/bin/qgafreeze-host" in files
+    assert "/usr/share/doc/qgafreeze-host/cycle-report.schema.json" in files
+    listed = run(["rpm", "-qp", "--requires", str(host)]).splitlines()
+    requires = {line.split()[0] for line in listed if not line.startswith("rpmlib(")}
+    # python3, and the wrapper's interpreter that rpm reads from its first line; no guest part.
+    assert requires == {"python3", "/usr/bin/python3"}
+    assert run(["rpm", "-qp", "--scripts", str(host)]) == ""
+    main = rpm_dist / f"qgafreeze-{__version__}-1.noarch.rpm"
+    assert not [p for p in run(["rpm", "-qlp", str(main)]).split() if "qgafreeze-host" in p]
