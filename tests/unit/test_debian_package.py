@@ -49,3 +49,21 @@ def test_postinst_wires_and_prerm_unwires_the_hook_make_install_installs():
     prerm = (DEBIAN / "prerm").read_text()
     assert f"HOOK={HOOK}\n" in prerm
     assert 'qgafreeze install --remove --hook "$HOOK"' in prerm
+
+
+def test_the_docs_install_the_host_package_by_the_names_make_deb_and_make_rpm_give_it():
+    control = (DEBIAN / "control").read_text()
+    stanzas = {
+        m.group(1): stanza
+        for stanza in control.split("\n\n")
+        if (m := re.search(r"^Package: (\S+)$", stanza, re.M))
+    }
+    assert set(stanzas) == {"qgafreeze", "qgafreeze-host"}
+    assert "qemu-guest-agent" not in stanzas["qgafreeze-host"]
+    makefile = (REPO / "Makefile").read_text()
+    assert "for p in qgafreeze qgafreeze-host; do" in makefile
+    assert re.search(r"^%package host$", (REPO / "qgafreeze.spec").read_text(), re.M)
+    for doc in ("README.md", "docs/host.md"):
+        text = " ".join((REPO / doc).read_text().split())
+        assert "apt-get install ./dist/qgafreeze-host_*.deb" in text, doc
+        assert "dnf install ./dist/qgafreeze-host-*.rpm" in text, doc
