@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import jsonschema
 from vm import VM, ExecResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -194,10 +195,16 @@ def journal(vm: VM, *matches: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+REPORT_SCHEMA = json.loads((REPO_ROOT / "docs" / "cycle-report.schema.json").read_text())
+
+
 def qgafreeze_status(vm: VM) -> dict[str, Any]:
     """The daemon's live status: `status --json` gives it under "daemon", beside the report of
-    the last cycle."""
-    return dict(json.loads(sh(vm, "qgafreeze status --json").stdout)["daemon"])
+    the last cycle.  The whole document is validated against the report's schema first, so that
+    every status --json the VM tier reads is held to it."""
+    document = json.loads(sh(vm, "qgafreeze status --json").stdout)
+    jsonschema.Draft202012Validator(REPORT_SCHEMA).validate(document)
+    return dict(document["daemon"])
 
 
 def run_in_background(vm: VM, unit: str, script: str) -> None:
