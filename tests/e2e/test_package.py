@@ -89,6 +89,8 @@ def older_package(deb_package: Path) -> Iterator[Path]:
     older = _make_deb(f"{_version_of(deb_package)}~older")
     yield older
     older.unlink(missing_ok=True)
+    # make deb builds the host client's package beside it, of the same version.
+    older.with_name(older.name.replace("qgafreeze_", "qgafreeze-host_", 1)).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
