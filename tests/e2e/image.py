@@ -365,6 +365,11 @@ def _configure(tree: Path, log: Path) -> None:
     for name in ("resolv.conf", "apt/sources.list"):
         with contextlib.suppress(FileNotFoundError):
             (etc / name).unlink()
+    # Without this flag man-db's dpkg trigger does not rebuild the index (debconf's
+    # man-db/auto-update=false), which under TCG added tens of seconds to every install and
+    # purge of the package; `man` finds pages without the index.
+    with contextlib.suppress(FileNotFoundError):
+        (tree / "var/lib/man-db/auto-update").unlink()
     for unit in _MASKED_UNITS:
         link = etc / "systemd" / "system" / unit
         with contextlib.suppress(FileNotFoundError):

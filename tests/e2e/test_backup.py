@@ -58,7 +58,6 @@ def mariadb_guest(guest: VM) -> VM:
     return guest
 
 
-@EVERY_SUITE
 def test_mariadb_is_down_for_the_whole_frozen_window_and_back_after_thaw(mariadb_guest):
     vm = mariadb_guest
     start_watcher(vm)
