@@ -92,8 +92,11 @@ class Agent:
             line, newline, rest = self._buf.partition(b"\n")
             if newline:
                 self._buf = rest
+                # qemu-ga puts 0xff before its answer to guest-sync-delimited: whatever came
+                # before it on the line is a partial answer left over from an earlier client.
+                line = line.rpartition(b"\xff")[2]
                 try:
-                    message = json.loads(line.replace(b"\xff", b""))
+                    message = json.loads(line)
                 except (ValueError, RecursionError):
                     continue
                 if isinstance(message, dict):
