@@ -202,7 +202,11 @@ def run(*argv: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
-def backup(qga: FakeQemuGA, *extra: str) -> tuple[int, str, str]:
+def backup(qga: FakeQemuGA, *extra: str, hold: bool = False) -> tuple[int, str, str]:
+    """A backup whose snapshot is /bin/true unless the test names one; ``hold``: none at all,
+    so the client keeps the guest frozen for its default time instead."""
+    if not hold and "--snapshot-cmd" not in extra:
+        extra = (*extra, "--snapshot-cmd", "true")
     return run("backup", "--qga-socket", qga.path, *extra)
 
 
@@ -306,7 +310,7 @@ def test_a_guest_without_qgafreeze_has_no_report_and_the_client_says_so(qga):
 def test_json_prints_this_freezes_report_as_the_guest_wrote_it(qga):
     qga.set_report(report("c1"))
     qga.after_freeze = report("c2")
-    status, out, _ = backup(qga, "--json")
+    status, out, _ = backup(qga, "--json", hold=True)
     assert status == 0
     assert json.loads(out) == report("c2")
 
@@ -367,8 +371,8 @@ def test_sync_skips_what_an_earlier_client_left_unread_in_the_channel(qga):
 
 def test_an_unanswered_freeze_is_followed_by_a_thaw_once_qemu_ga_answers_again(qga):
     qga.set_report(report("c1"))
-    qga.freeze_delay = 2.0
-    status, _, err = backup(qga, "--timeout", "1.5")
+    qga.freeze_delay = 0.8
+    status, _, err = backup(qga, "--timeout", "0.4")
     assert status == cli.Exit.UNREACHABLE
     assert "no answer to the freeze" in err
     # qemu-ga answers in order: the sync before the thaw waited out the freeze's late answer.
