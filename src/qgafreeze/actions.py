@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from . import commands
 from .actioncontext import Action, ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
-from .legacy import LegacyHooksAction
+from .legacy import LEFTOVER_GRACE, LegacyHooksAction
 from .model import LEGACY_APP, PROTECTED_UNITS, App, Session, Step, join_path
 from .trust import session_problems, step_problems
 from .units import UnitManager, UnitState
@@ -293,9 +293,11 @@ class AppActions:
         raise_all(failures)
 
 
-def build_app(app: App, manager: UnitManager, legacy_timeout: float) -> Action:
+def build_app(
+    app: App, manager: UnitManager, legacy_timeout: float, leftover_grace: float = LEFTOVER_GRACE
+) -> Action:
     if app.name == LEGACY_APP and app.legacy_hooks:
-        return LegacyHooksAction(app.legacy_hooks, legacy_timeout)
+        return LegacyHooksAction(app.legacy_hooks, legacy_timeout, leftover_grace)
     actions: list[Action] = []
     if app.freeze or app.thaw:
         actions.append(StepsAction(app, manager))
@@ -307,6 +309,11 @@ def build_app(app: App, manager: UnitManager, legacy_timeout: float) -> Action:
 
 
 def build_actions(
-    apps: Sequence[App], manager: UnitManager, legacy_timeout: float = 30.0
+    apps: Sequence[App],
+    manager: UnitManager,
+    legacy_timeout: float = 30.0,
+    leftover_grace: float = LEFTOVER_GRACE,
 ) -> dict[str, Action]:
-    return {app.name: build_app(app, manager, legacy_timeout) for app in apps}
+    """``leftover_grace``: how long what a legacy script left running may take to end by itself
+    after the thaw scripts (tests shorten it)."""
+    return {app.name: build_app(app, manager, legacy_timeout, leftover_grace) for app in apps}

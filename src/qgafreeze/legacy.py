@@ -235,9 +235,12 @@ class LegacyHooksAction:
 
     key = "legacy"
 
-    def __init__(self, directory: str, script_timeout: float) -> None:
+    def __init__(
+        self, directory: str, script_timeout: float, leftover_grace: float = LEFTOVER_GRACE
+    ) -> None:
         self._directory = directory
         self._timeout = script_timeout
+        self._grace = leftover_grace
         self._left: list[Leftover] = []  # a rollback may run while a freeze is abandoned
         self._left_lock = threading.Lock()
 
@@ -274,7 +277,7 @@ class LegacyHooksAction:
                 undo.remove(script)
         with self._left_lock:
             left, self._left = self._left, []
-        ctx.output.extend(settle(left, ctx.deadline))
+        ctx.output.extend(settle(left, ctx.deadline, self._grace))
         raise_all(failures)
 
     def _run(self, script: str, phase: str, ctx: ActionContext) -> None:
