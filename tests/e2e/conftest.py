@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image import DEFAULT_SUITE, SUITES, GuestImage, build_seconds, ensure_image
-from vm import QEMU, QEMU_IMG, VMFactory
+from vm import QEMU, QEMU_IMG, VMFactory, e2e_required
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
@@ -70,7 +70,7 @@ def suite_selection() -> tuple[tuple[str, ...], str]:
         problems.append(
             f"{SUITES_ENV} names unknown suite(s) {', '.join(unknown)} (known: {' '.join(SUITES)})"
         )
-    if _e2e_required() and set(names) != set(SUITES):
+    if e2e_required() and set(names) != set(SUITES):
         problems.append(
             f"{SUITES_ENV}={' '.join(names)}: CI=true or QGAFREEZE_REQUIRE_E2E=1 runs every suite"
             f" ({' '.join(SUITES)})"
@@ -142,10 +142,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if problem or config.option.collectonly:
         return
     _builds.start([s for s in selected if s in needed])
-
-
-def _e2e_required() -> bool:
-    return os.environ.get("CI") == "true" or os.environ.get("QGAFREEZE_REQUIRE_E2E") == "1"
 
 
 def _missing_tools() -> dict[str, str]:
@@ -277,7 +273,7 @@ def guest_image(suite: str) -> GuestImage:
         return _builds.image(suite)
     except _Unmet as exc:
         reason = f"e2e tests cannot run here: {exc}"
-        if _e2e_required():
+        if e2e_required():
             pytest.fail(reason + " (required because CI=true or QGAFREEZE_REQUIRE_E2E=1)")
         if reason not in _skip_reasons:
             _skip_reasons.append(reason)

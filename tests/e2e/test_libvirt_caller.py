@@ -9,7 +9,6 @@ validated against the schema.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from guest import HOOK_OUTPUT_IN_ERROR, SESSION_APP, configure, install, qemu_ga_version, sh
 from guest import wait_for as wait_in_guest
 from libvirt_host import Libvirt, LibvirtUnavailable, LibvirtVM
+from vm import e2e_required
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO_ROOT / "docs" / "cycle-report.schema.json").read_text())
@@ -35,10 +35,6 @@ ALL_APPS_ACTIVE = "systemctl is-active mariadb.service qgf-stubborn.service"
 _timings: dict[str, float] = {}
 
 
-def _required() -> bool:
-    return os.environ.get("CI") == "true" or os.environ.get("QGAFREEZE_REQUIRE_E2E") == "1"
-
-
 @pytest.fixture(scope="module")
 def libvirt(
     guest_image: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
@@ -49,7 +45,7 @@ def libvirt(
         daemon = Libvirt.start(tmp_path_factory.mktemp("libvirt"))
     except LibvirtUnavailable as exc:
         reason = f"libvirt cannot start here: {exc}"
-        if _required():
+        if e2e_required():
             pytest.fail(reason + " (required because CI=true or QGAFREEZE_REQUIRE_E2E=1)")
         pytest.skip("LIBVIRT TESTS NOT RUN: " + reason)
     _timings["libvirtd start"] = daemon.start_seconds

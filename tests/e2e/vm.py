@@ -13,6 +13,7 @@ import base64
 import contextlib
 import ctypes
 import json
+import os
 import secrets
 import shlex
 import shutil
@@ -45,6 +46,11 @@ _UNIT_POLL_TIMEOUT = 20.0
 _LOG_TAIL_LINES = 40
 _QCOW2_MAGIC = b"QFI\xfb"
 _PR_SET_PDEATHSIG = 1
+
+
+def e2e_required() -> bool:
+    """Whether a VM-tier test that cannot run must fail rather than skip: under CI, or asked."""
+    return os.environ.get("CI") == "true" or os.environ.get("QGAFREEZE_REQUIRE_E2E") == "1"
 
 
 class QGAError(Exception):
