@@ -49,6 +49,11 @@ _COMMON_PACKAGES = (
     "make",
     "mariadb-server",
     "mariadb-client",
+    # The presets' own servers, each release's (PostgreSQL 13/15/17, Redis 6.0/7.0/8.0); not
+    # started at boot (_DISABLED_AT_BOOT): a test that needs one starts it.
+    "postgresql",
+    "postgresql-contrib",
+    "redis-server",
     "procps",
     "util-linux",
     "kmod",
@@ -100,6 +105,9 @@ _MASKED_UNITS = (
     "fstrim.timer",
     "man-db.timer",
 )
+# Servers that only some tests use: starting them at every boot would cost each guest seconds of
+# its slow CPU.  Disabled, not masked: a test starts them with systemctl.
+_DISABLED_AT_BOOT = ("postgresql.service", "redis-server.service")
 
 
 @dataclass(frozen=True)
@@ -375,6 +383,9 @@ def _configure(tree: Path, log: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         link.symlink_to("/dev/null")
+    for unit in _DISABLED_AT_BOOT:
+        with contextlib.suppress(FileNotFoundError):
+            (etc / "systemd/system/multi-user.target.wants" / unit).unlink()
     # A throwaway guest reached only through its serial console: root logs in without password.
     _chroot(tree, ["passwd", "-d", "root"], log)
     with open(etc / "initramfs-tools" / "modules", "a", encoding="utf-8") as modules:
@@ -415,6 +426,13 @@ def _check_tree(tree: Path) -> None:
     # The link is absolute, so it resolves only inside the guest: test the link itself.
     if not (wants / "mariadb.service").is_symlink():
         problems.append("mariadb.service is not enabled")
+    for unit in _DISABLED_AT_BOOT:
+        if (wants / unit).is_symlink():
+            problems.append(f"{unit} is still enabled at boot")
+    if not list((tree / "usr/lib/postgresql").glob("*/bin/postgres")):
+        problems.append("PostgreSQL is not installed")
+    if not (tree / "usr/bin/redis-server").exists():
+        problems.append("redis-server is not installed")
     if not (tree / "usr/bin/man").exists():
         problems.append("man is not installed")
     kernel, initrd = _kernel_and_initrd(tree)
