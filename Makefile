@@ -19,6 +19,8 @@ DOCDIR = $(PREFIX)/share/doc/qgafreeze
 MANDIR = $(PREFIX)/share/man
 MANPAGES = $(wildcard docs/*.[1-8])
 HOOK = $(LIBEXECDIR)/fsfreeze-hook
+# The database presets' quiesce helpers (src/qgafreeze/quiesce), held as their sessions.
+QUIESCE = $(LIBEXECDIR)/quiesce
 
 SHELL := /bin/sh
 
@@ -295,6 +297,8 @@ install:
 	rm -rf "$(DESTDIR)$(LIBDIR)/qgafreeze.new" "$(DESTDIR)$(LIBDIR)/qgafreeze.old"
 	install -d -m 0755 "$(DESTDIR)$(LIBDIR)/qgafreeze.new"
 	install -m 0644 src/qgafreeze/*.py "$(DESTDIR)$(LIBDIR)/qgafreeze.new/"
+	install -d -m 0755 "$(DESTDIR)$(LIBDIR)/qgafreeze.new/quiesce"
+	install -m 0644 src/qgafreeze/quiesce/*.py "$(DESTDIR)$(LIBDIR)/qgafreeze.new/quiesce/"
 	$(PYTHON) -m compileall -q -d "$(LIBDIR)/qgafreeze" "$(DESTDIR)$(LIBDIR)/qgafreeze.new"
 	@set -e; \
 	if [ -d "$(DESTDIR)$(LIBDIR)/qgafreeze" ]; then \
@@ -311,6 +315,11 @@ install:
 	@chmod 0755 "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp"
 	@mv -f "$(DESTDIR)$(LIBEXECDIR)/.fsfreeze-hook.tmp" "$(DESTDIR)$(HOOK)"
 	@echo "installed $(DESTDIR)$(HOOK)"
+	@# Standard library only, like the hook (-S); a session started at freeze waits for it.
+	@$(call wrapper,quiesce,quiesce,S) > "$(DESTDIR)$(LIBEXECDIR)/.quiesce.tmp"
+	@chmod 0755 "$(DESTDIR)$(LIBEXECDIR)/.quiesce.tmp"
+	@mv -f "$(DESTDIR)$(LIBEXECDIR)/.quiesce.tmp" "$(DESTDIR)$(QUIESCE)"
+	@echo "installed $(DESTDIR)$(QUIESCE)"
 	@set -e; $(remove_old_units)
 	@set -e; \
 	for u in $(UNITS); do \
@@ -377,7 +386,7 @@ uninstall:
 		|| echo "warning: could not restart qemu-guest-agent.service" >&2; \
 	systemctl disable --now qgafreeze.socket qgafreeze.service \
 		|| echo "warning: could not disable qgafreeze.socket and qgafreeze.service" >&2
-	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze" "$(DESTDIR)$(HOOK)" \
+	rm -f "$(DESTDIR)$(BINDIR)/qgafreeze" "$(DESTDIR)$(HOOK)" "$(DESTDIR)$(QUIESCE)" \
 		"$(DESTDIR)$(UNITDIR)/qgafreeze.service" "$(DESTDIR)$(UNITDIR)/qgafreeze.socket"
 	@set -e; $(remove_old_units)
 	@set -e; \

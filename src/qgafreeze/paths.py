@@ -21,3 +21,6 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The last cycle's report (docs/cycle-report.schema.json), on tmpfs beside the socket: written
 # while the disks are frozen, and read by the host through qemu-ga's guest-file-read after the thaw.
 REPORT_FILE = "/run/qgafreeze/report.json"
+# The quiesce helpers' program (`make install`'s wrapper of `python3 -m qgafreeze.quiesce`):
+# database presets hold it as their session.
+QUIESCE = "/usr/libexec/qgafreeze/quiesce"

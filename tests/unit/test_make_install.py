@@ -17,6 +17,7 @@ LIB = "usr/lib/qgafreeze"
 PACKAGE = f"{LIB}/qgafreeze"
 CLI = "usr/bin/qgafreeze"
 SHIM = "usr/libexec/qgafreeze/fsfreeze-hook"
+QUIESCE = "usr/libexec/qgafreeze/quiesce"
 OLD_UNITS = ("etc/systemd/system/qgafreeze.service", "etc/systemd/system/qgafreeze.socket")
 OLD_WANTS = "etc/systemd/system/sockets.target.wants/qgafreeze.socket"
 CONFIG = "etc/qgafreeze.yaml"
@@ -135,6 +136,19 @@ def test_install_copies_every_module_readable_by_all(installed: tuple[Path, str]
         assert stat.S_IMODE((package / name).stat().st_mode) == 0o644
 
 
+def test_install_copies_the_quiesce_helpers_beside_the_package(installed: tuple[Path, str]) -> None:
+    destdir, _ = installed
+
+    helpers = sorted(p.name for p in (REPO / "src/qgafreeze/quiesce").glob("*.py"))
+    assert "__init__.py" in helpers and "__main__.py" in helpers
+    package = destdir / PACKAGE / "quiesce"
+    assert sorted(p.name for p in package.glob("*.py")) == helpers
+    for name in helpers:
+        assert (package / name).read_bytes() == (REPO / "src/qgafreeze/quiesce" / name).read_bytes()
+        assert stat.S_IMODE((package / name).stat().st_mode) == 0o644
+    assert list((package / "__pycache__").glob("__init__.*.pyc"))
+
+
 def test_install_byte_compiles_with_the_final_paths(installed: tuple[Path, str]) -> None:
     destdir, _ = installed
 
@@ -151,7 +165,8 @@ def test_install_byte_compiles_with_the_final_paths(installed: tuple[Path, str])
 # The hook needs the standard library only, so it also skips site (-S): faster, and no .pth file
 # of some installed package runs inside qemu-ga's hook.
 @pytest.mark.parametrize(
-    ("wrapper", "module", "flags"), [(CLI, "cli", "-IB"), (SHIM, "shim", "-IBS")]
+    ("wrapper", "module", "flags"),
+    [(CLI, "cli", "-IB"), (SHIM, "shim", "-IBS"), (QUIESCE, "quiesce", "-IBS")],
 )
 def test_wrappers_run_the_system_python_isolated_from_libdir(
     installed: tuple[Path, str], wrapper: str, module: str, flags: str
@@ -168,7 +183,7 @@ def test_wrappers_run_the_system_python_isolated_from_libdir(
     compile(text, str(path), "exec")
 
 
-@pytest.mark.parametrize("wrapper", [CLI, SHIM])
+@pytest.mark.parametrize("wrapper", [CLI, SHIM, QUIESCE])
 def test_installed_wrappers_start_without_a_traceback(
     installed: tuple[Path, str], wrapper: str, tmp_path: Path
 ) -> None:
