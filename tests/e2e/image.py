@@ -52,7 +52,6 @@ _COMMON_PACKAGES = (
     # The presets' own servers, each release's (PostgreSQL 13/15/17, Redis 6.0/7.0/8.0); not
     # started at boot (_DISABLED_AT_BOOT): a test that needs one starts it.
     "postgresql",
-    "postgresql-contrib",
     "redis-server",
     "procps",
     "util-linux",
