@@ -26,7 +26,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image import DEFAULT_SUITE, SUITES, GuestImage, build_seconds, ensure_image
-from vm import QEMU, QEMU_IMG, VMFactory, e2e_required
+from shared import SharedGuests, uses_shared_guest
+from vm import QEMU, QEMU_IMG, VM, VMFactory, e2e_required
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
@@ -103,23 +104,31 @@ def _item_suite(item: pytest.Item) -> str | None:
     return callspec.params.get("suite") if callspec is not None else None
 
 
-def _by_suite_within_module(items: list[pytest.Item]) -> list[pytest.Item]:
-    """Each module's tests grouped by suite, in release order, modules in their order.
+def _order(items: list[pytest.Item]) -> list[pytest.Item]:
+    """Suite by suite in release order, so that one suite's shared guest serves every module of
+    that suite and is gone before the next suite's boots; within a suite, the modules that use
+    the shared guest first (it is killed after its last user, before the modules that boot
+    guests of their own start), then the others, each in collection order, and each module's
+    tests in the order it defines them.
 
     pytest groups a module-scoped parameter by its index, not its value, and index 0 is bullseye
     for a marked test but trixie for an unmarked one: left alone, a module would boot its guests
     of one suite several times over."""
-    modules: dict[str, list[pytest.Item]] = {}
+    rank: dict[str, int] = {}
+    sharing: set[str] = set()
     for item in items:
-        modules.setdefault(str(item.fspath), []).append(item)
-    ordered: list[pytest.Item] = []
-    for group in modules.values():
-        # Within a suite, in the order the module defines them, as an unparametrised run goes.
-        ordered += sorted(
-            group,
-            key=lambda i: (SUITES.index(_item_suite(i) or DEFAULT_SUITE), i.location[1] or 0),
-        )
-    return ordered
+        rank.setdefault(str(item.fspath), len(rank))
+        if uses_shared_guest(item):
+            sharing.add(str(item.fspath))
+    return sorted(
+        items,
+        key=lambda i: (
+            SUITES.index(_item_suite(i) or DEFAULT_SUITE),
+            str(i.fspath) not in sharing,
+            rank[str(i.fspath)],
+            i.location[1] or 0,
+        ),
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
@@ -130,7 +139,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.e2e)
     if tier:
         others = [i for i in items if not _in_tier(i)]
-        items[:] = others + _by_suite_within_module(tier)
+        items[:] = others + _order(tier)
     selected, problem = suite_selection()
     if not problem:
         # A wrong selection keeps every item, so that each fails saying what is wrong.
@@ -139,6 +148,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if i not in dropped]
     needed = {_item_suite(i) for i in items}
+    _shared.plan((i for i in items if _in_tier(i)), lambda i: _item_suite(i) or DEFAULT_SUITE)
     if problem or config.option.collectonly:
         return
     _builds.start([s for s in selected if s in needed])
@@ -253,8 +263,20 @@ class _Unmet(Exception):
 _builds = _Builds()
 
 
+_shared = SharedGuests()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     _builds.stop()
+    _shared.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # After the item's own teardown, module fixtures included: they may still use the guest.
+    yield
+    if _in_tier(item):
+        _shared.done(item, _item_suite(item) or DEFAULT_SUITE)
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +306,8 @@ def guest_image(suite: str) -> GuestImage:
 def vm_factory(
     guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VMFactory]:
-    """Boots VMs of the test's suite, each in its own work directory; all are shut down when the
-    module ends.
+    """Boots VMs of the test's suite, each in its own work directory; all are killed when the
+    module ends (throwaway guests: nothing reads their disks afterwards).
 
     Module scope, so that a module can share one booted guest (a boot costs about 20 s under
     TCG); a test that boots a VM of its own may shut it down early with `vm.shutdown()`.
@@ -294,7 +316,23 @@ def vm_factory(
     try:
         yield factory
     finally:
-        factory.shutdown_all()
+        factory.kill_all()
+
+
+@pytest.fixture(scope="module")
+def shared_guest(
+    guest_image: GuestImage, deb_package: Path, tmp_path_factory: pytest.TempPathFactory
+) -> VM:
+    """The suite's shared guest (tests/e2e/shared.py): booted once, the package installed with
+    `apt-get install ./…deb`, reset for each module to no apps declared, thawed, an empty hook
+    log and MariaDB running; PostgreSQL and Redis are installed but stopped.  A module that uses
+    it stops what it started and removes the unit files it wrote."""
+    return _shared.get(
+        guest_image,
+        deb_package,
+        lambda: tmp_path_factory.mktemp(f"e2e-shared-{guest_image.suite}"),
+        REPO_ROOT,
+    )
 
 
 def _version() -> str:

@@ -6,7 +6,9 @@ what it holds.  The tests marked EVERY_SUITE run on each Debian release; the res
 from __future__ import annotations
 
 import re
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,6 @@ from guest import (
     backup,
     configure,
     crash_recovery_lines,
-    install,
     mariadb_active,
     qemu_ga_version,
     qgafreeze_status,
@@ -39,15 +40,20 @@ from vm import VM, QGAError, QGATimeout
 EVERY_SUITE = pytest.mark.suites("bullseye", "bookworm", "trixie")
 
 
+STUBBORN = "/etc/systemd/system/qgf-stubborn.service"
+
+
 @pytest.fixture(scope="module")
-def guest(vm_factory, deb_package) -> VM:
-    vm = vm_factory(name="guest")
-    install(vm, deb_package)
-    conf = sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
-    assert f"fsfreeze-hook={HOOK}" in conf
-    configure(vm, MARIADB_APP)
-    wait_for(vm, "systemctl is-active mariadb.service")
-    return vm
+def guest(shared_guest: VM) -> Iterator[VM]:
+    assert f"fsfreeze-hook={HOOK}" in sh(shared_guest, "cat /etc/qemu/qemu-ga.conf").stdout
+    yield shared_guest
+    # The guest is shared with the next modules: take away what the tests here left running.
+    sh(
+        shared_guest,
+        f"systemctl kill -s KILL qgf-stubborn.service; rm -f {STUBBORN}; systemctl daemon-reload;"
+        " systemctl reset-failed",
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -108,9 +114,16 @@ def test_restored_snapshot_holds_every_acknowledged_insert_without_crash_recover
     mariadb_guest, vm_factory, tmp_path
 ):
     vm = mariadb_guest
+    before, after = secrets.token_hex(8), secrets.token_hex(8)
+    vm.qga.write_file("/root/marker-before", before.encode())
     start_load(vm, first_id=1_000_000)
     wait_for_acks(vm, 20)
     run = backup(vm, snapshot_to=tmp_path / "after-qgafreeze.qcow2")
+    stamp = run.snapshot.stat()
+    # The harness's snapshot: the guest writes into a new top from now on, never into it.
+    assert vm.overlay == tmp_path / "after-qgafreeze.qcow2"
+    vm.qga.write_file("/root/marker-after", after.encode())
+    sh(vm, "sync")
     wait_for(vm, "systemctl is-active mariadb.service")
     wait_for_acks(vm, len(acks(vm)) + 5)  # the load goes on after the thaw
     stop_load(vm)
@@ -119,13 +132,20 @@ def test_restored_snapshot_holds_every_acknowledged_insert_without_crash_recover
     acknowledged = {i for t, i in acks(vm) if t < run.thaw_sent}
     assert len(acknowledged) >= 20
 
+    assert (run.snapshot.stat().st_mtime_ns, run.snapshot.stat().st_size) == (
+        stamp.st_mtime_ns,
+        stamp.st_size,
+    )
+
     restored = _restore(vm_factory, run.snapshot)
+    assert restored.qga.read_file("/root/marker-before") == before.encode()
+    assert sh(restored, "test -e /root/marker-after", check=False).exitcode == 1
     rows = {int(x) for x in sh(restored, "mariadb -N -e 'SELECT id FROM qgf.acks'").stdout.split()}
     assert acknowledged <= rows
     assert crash_recovery_lines(restored) == []
     check = sh(restored, "mariadb -N -e 'CHECK TABLE qgf.acks'").stdout
     assert check.split()[-1] == "OK", check
-    restored.shutdown()
+    restored.kill()
 
 
 def test_held_mariadb_session_snapshot_holds_every_acknowledged_insert_and_passes_check(
@@ -151,7 +171,7 @@ def test_held_mariadb_session_snapshot_holds_every_acknowledged_insert_and_passe
     assert acknowledged <= rows
     check = sh(restored, "mariadb -N -e 'CHECK TABLE qgf.acks'").stdout
     assert check.split()[-1] == "OK", check
-    restored.shutdown()
+    restored.kill()
 
 
 def test_without_quiesced_apps_the_restored_snapshot_needs_crash_recovery(
@@ -172,7 +192,7 @@ def test_without_quiesced_apps_the_restored_snapshot_needs_crash_recovery(
     rows = {int(x) for x in sh(restored, "mariadb -N -e 'SELECT id FROM qgf.acks'").stdout.split()}
     assert before_freeze <= rows  # InnoDB is crash-safe, but ...
     assert crash_recovery_lines(restored), "expected InnoDB crash recovery in the restored copy"
-    restored.shutdown()
+    restored.kill()
 
 
 @EVERY_SUITE
@@ -181,7 +201,7 @@ def test_failing_app_fails_the_freeze_and_leaves_nothing_frozen_or_stopped(maria
     sh(
         vm,
         "printf '[Unit]\\nRefuseManualStop=yes\\n[Service]\\nExecStart=/bin/sleep infinity\\n'"
-        " > /etc/systemd/system/qgf-stubborn.service"
+        f" > {STUBBORN}"
         " && systemctl daemon-reload && systemctl start qgf-stubborn.service",
     )
     configure(vm, MARIADB_APP + "  stubborn:\n    units: [qgf-stubborn.service]\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from guest import (
     HOOK_OUTPUT_IN_ERROR,
     SESSION_APP,
     configure,
-    install,
     qemu_ga_version,
     sh,
     wait_for,
@@ -62,14 +62,21 @@ def host_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest(vm_factory, deb_package) -> VM:
-    vm = vm_factory(name="host-client")
-    install(vm, deb_package)
+def guest(shared_guest: VM) -> Iterator[VM]:
+    vm = shared_guest
     for name, text in UNITS.items():
         vm.qga.write_file(f"/etc/systemd/system/{name}", text.encode())
     sh(vm, "systemctl daemon-reload && systemctl start " + " ".join(UNITS))
     wait_for(vm, "systemctl is-active mariadb.service")
-    return vm
+    yield vm
+    # Shared with the next modules: take away the units (the stubborn one refuses a stop).
+    sh(
+        vm,
+        "systemctl kill -s KILL " + " ".join(UNITS) + "; rm -f "
+        + " ".join(f"/etc/systemd/system/{name}" for name in UNITS)
+        + "; systemctl daemon-reload; systemctl reset-failed",
+        check=False,
+    )
 
 
 def qgafreeze_host(vm: VM, client: Path, *args: str) -> tuple[int, str, str]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest import backup, configure, install, run_in_background, sh, wait_for
+from guest import backup, configure, run_in_background, sh, wait_for
 from vm import VM
 
 HOOK_DIR = "/etc/qemu/fsfreeze-hook.d"
@@ -48,10 +49,8 @@ mariadb -e "INSERT INTO qgf.legacy VALUES ({id})" && echo "write-done $(date +%s
 
 
 @pytest.fixture(scope="module")
-def guest(vm_factory, deb_package) -> VM:
-    vm = vm_factory(name="legacy")
-    install(vm, deb_package)
-    wait_for(vm, "systemctl is-active mariadb.service")
+def guest(shared_guest: VM) -> Iterator[VM]:
+    vm = shared_guest
     sh(
         vm,
         "mariadb -e 'CREATE DATABASE IF NOT EXISTS qgf; CREATE TABLE IF NOT EXISTS qgf.legacy"
@@ -61,7 +60,9 @@ def guest(vm_factory, deb_package) -> VM:
     vm.qga.write_file(SCRIPT, LOCK_SCRIPT.encode())
     sh(vm, f"chmod 755 {SCRIPT}")
     configure(vm, LEGACY_CONFIG)
-    return vm
+    yield vm
+    # Shared with the next modules: no legacy hook may run in their cycles.
+    sh(vm, f"rm -f {SCRIPT} {FIFO}", check=False)
 
 
 def writes(vm: VM) -> dict[str, int]:

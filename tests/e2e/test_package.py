@@ -4,7 +4,10 @@ while apps are declared and a backup is in progress, and a purge that leaves qem
 they were before install.
 
 The tests of this module run in order on one guest per suite: each starts where the one before
-left the package (installed at the older version, then upgraded, then purged).
+left the package (installed at the older version, then upgraded, then purged).  Last, on trixie,
+`sudo make install`, the README's other way in, on the guest the package was purged from (as an
+admin moving from the package to a source install does): a guest of its own would cost another
+boot.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import pytest
 from guest import (
     HOOK,
     HOOK_LOG,
+    NO_APPS,
+    configure,
     guest_path,
     install_package,
+    make_install,
     qemu_ga_version,
     qgafreeze_status,
     run_in_background,
@@ -256,3 +262,25 @@ def test_purge_restores_an_existing_qemu_ga_conf_byte_for_byte(guest, deb_packag
     assert result.exitcode == 0, f"{result.stdout}\n{result.stderr}"
     assert sh(vm, QGA_FILES).stdout == before
     assert vm.qga.read_file("/etc/qemu/qemu-ga.conf") == own
+
+
+@pytest.mark.suites(UPGRADE_SUITE)
+def test_make_install_points_qemu_ga_at_the_hook_and_qemu_ga_runs_it(guest):
+    vm, _ = guest
+    make_install(vm)
+    assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+    configure(vm, NO_APPS)
+    try:
+        assert vm.qga.fsfreeze_freeze() >= 1
+    finally:
+        vm.qga.fsfreeze_thaw()
+    last = qgafreeze_status(vm)["last"]
+    # The daemon saw the thaw that qemu-ga's hook relayed, so qemu-ga ran the installed hook.
+    assert (last["op"], last["reason"]) == ("thaw", "request"), last
+
+
+@pytest.mark.suites(UPGRADE_SUITE)
+def test_make_install_installs_both_man_pages(guest):
+    vm, _ = guest
+    assert "qgafreeze" in sh(vm, "man -P cat qgafreeze").stdout
+    assert "qgafreeze.yaml" in sh(vm, "man -P cat 5 qgafreeze.yaml").stdout

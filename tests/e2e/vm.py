@@ -721,9 +721,9 @@ class VMFactory:
         self.vms.append(vm)
         return vm
 
-    def shutdown_all(self) -> None:
+    def kill_all(self) -> None:
         for vm in reversed(self.vms):
-            vm.shutdown()
+            vm.kill()
 
 
 def _make_socket_dir(root: Path) -> str:

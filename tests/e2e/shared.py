@@ -1,0 +1,101 @@
+"""One booted guest per suite with the package installed, shared by the modules that ask for it.
+
+A guest boot with the package installed costs 1.5 to 2 minutes under TCG; most modules need
+nothing more than such a guest, so they share one (the `shared_guest` fixture) instead of each
+booting its own.  The price is discipline, which the fixture checks where it can: each module
+starts from a known state (`reset`: thawed, no apps declared, hook log empty, MariaDB running)
+and must stop what it started and remove the unit files it wrote.  A guest that stopped
+answering is replaced by a fresh one rather than failing every module after the one that broke
+it.  Modules that need a guest of another kind (a fresh one for the package's install and purge,
+one run by libvirt) still boot their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from guest import HOOK, NO_APPS, configure, install, sh, wait_for
+from image import GuestImage
+from vm import VM, QGAError, QGATimeout, VMFactory
+
+FIXTURE = "shared_guest"
+_HEALTH_TIMEOUT = 20.0
+
+
+def uses_shared_guest(item: pytest.Item) -> bool:
+    return FIXTURE in getattr(item, "fixturenames", ())
+
+
+def reset(vm: VM) -> None:
+    """The state every module starts from."""
+    with contextlib.suppress(QGAError, QGATimeout):
+        if vm.qga.fsfreeze_status(timeout=10.0) == "frozen":
+            vm.qga.fsfreeze_thaw(timeout=120.0)
+    configure(vm, NO_APPS)
+    sh(vm, "truncate -s0 /var/log/qga-fsfreeze-hook.log; systemctl start mariadb.service")
+    wait_for(vm, "systemctl is-active mariadb.service")
+
+
+def _answers(vm: VM) -> bool:
+    if not vm.running():
+        return False
+    try:
+        vm.qga.ping(timeout=_HEALTH_TIMEOUT)
+    except (QGAError, QGATimeout, ConnectionError, OSError):
+        return False
+    return True
+
+
+class SharedGuests:
+    """The guests, and which collected tests still need each: the last one's teardown kills its
+    guest (a TCG guest left idle still takes CPU from the next module's)."""
+
+    def __init__(self) -> None:
+        self._vms: dict[str, VM] = {}
+        self._factories: dict[str, VMFactory] = {}
+        self._remaining: dict[str, set[str]] = {}
+
+    def plan(self, items: Iterable[pytest.Item], suite_of: Callable[[pytest.Item], str]) -> None:
+        self._remaining = {}
+        for item in items:
+            if uses_shared_guest(item):
+                self._remaining.setdefault(suite_of(item), set()).add(item.nodeid)
+
+    def get(
+        self, image: GuestImage, package: Path, workdir: Callable[[], Path], share: Path
+    ) -> VM:
+        suite = image.suite
+        vm = self._vms.get(suite)
+        if vm is not None and not _answers(vm):
+            print(f"shared {suite} guest stopped answering: booting a new one")
+            vm.kill()
+            vm = None
+        if vm is None:
+            factory = self._factories.get(suite)
+            if factory is None:
+                factory = self._factories[suite] = VMFactory(image, workdir(), share)
+            vm = factory(name=f"shared-{suite}")
+            self._vms[suite] = vm
+            install(vm, package)
+            assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+        reset(vm)
+        return vm
+
+    def done(self, item: pytest.Item, suite: str) -> None:
+        remaining = self._remaining.get(suite)
+        if remaining is None:
+            return
+        remaining.discard(item.nodeid)
+        if not remaining:
+            self.stop(suite)
+
+    def stop(self, suite: str | None = None) -> None:
+        """Throwaway guests: killed, not powered off (nothing reads their disks afterwards)."""
+        for name in [suite] if suite is not None else list(self._vms):
+            vm = self._vms.pop(name, None)
+            if vm is not None:
+                vm.kill()
