@@ -51,6 +51,13 @@ class ActionContext:
     problem: Callable[[str], None] = _ignore_problem
     # Saves the record outside the process; called after noting what to undo, before pausing.
     checkpoint: Callable[[], None] = _no_checkpoint
+    cycle: str = ""  # the cycle's id, given to commands as QGAFREEZE_CYCLE
+    # What its commands said about the snapshot (``details``), for the app's cycle report entry.
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        """Variables the daemon sets for the commands it runs (the config's env wins)."""
+        return {"QGAFREEZE_CYCLE": self.cycle} if self.cycle else {}
 
     def undo(self, key: str) -> list[Any]:
         return self.record.setdefault(key, [])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from . import commands
+from . import commands, details
 from .actioncontext import Action, ActionContext, StepReport, raise_all
 from .errors import ActionTimeout, CommandFailed, QgafreezeError
 from .legacy import LEFTOVER_GRACE, LegacyHooksAction
@@ -172,13 +172,16 @@ class StepsAction:
             deadline = min(deadline, time.monotonic() + step.timeout)
         label = step.argv[2] if step.kind == "shell" else " ".join(step.argv)
         try:
-            outcome = commands.run(step.argv, deadline, step.user, step.env, step.cwd)
+            outcome = commands.run(
+                step.argv, deadline, step.user, step.env, step.cwd, ctx.environment()
+            )
         except ActionTimeout as exc:
             ctx.step(StepReport(step.kind, label, phase, started, 124, ()))
             raise ActionTimeout(f"{label}: {exc.message}") from None
         # The output goes to the step's own block in the hook log, not again into the app's.
         ctx.output.append(f"{label}: exit status {outcome.status}")
         ctx.step(StepReport(step.kind, label, phase, started, outcome.status, outcome.output))
+        _collect(outcome.reports, ctx, label)
         if outcome.status != 0:
             raise CommandFailed(f"{label} exited with status {outcome.status}")
 
@@ -199,6 +202,7 @@ class SessionAction:
         self._where = join_path("apps", app.name) + ".session"
         self._session = session
         self._held: commands.HeldSession | None = None
+        self._reported = 0  # how many of its report lines are in the details already
 
     def describe(self) -> list[str]:
         who = f" as {self._session.user}" if self._session.user else ""
@@ -221,7 +225,12 @@ class SessionAction:
             raise CommandFailed("; ".join(refused))
         started = time.time()
         held = commands.HeldSession(
-            self._session.argv, self._session.user, self._session.env, self._session.cwd, on_exit
+            self._session.argv,
+            self._session.user,
+            self._session.env,
+            self._session.cwd,
+            on_exit,
+            ctx.environment(),
         )
         undo.append(held.pid)
         ctx.checkpoint()
@@ -235,6 +244,7 @@ class SessionAction:
             self._held = None
             undo.clear()
             raise
+        self._reported = self._report(held, ctx)
         ctx.output.append(f"session {held.pid} ready: {' '.join(self._session.argv)}")
         ctx.step(StepReport("session", " ".join(self._session.argv), "freeze", started, 0, ()))
 
@@ -257,6 +267,7 @@ class SessionAction:
             self._held = None
             undo.clear()
             ctx.output.extend(held.output())
+            self._report(held, ctx)
         ctx.step(StepReport("session", " ".join(self._session.argv), "thaw", started, status, ()))
         if died is not None:
             raise CommandFailed(
@@ -266,6 +277,20 @@ class SessionAction:
         if status != 0:
             raise CommandFailed(f"the session exited with status {status} on close")
         ctx.output.append("session closed")
+
+    def _report(self, held: commands.HeldSession, ctx: ActionContext) -> int:
+        """Collect the report lines it printed since the last call; how many it has printed."""
+        reports = held.reports()
+        _collect(reports[self._reported :], ctx, "session")
+        return len(reports)
+
+
+def _collect(reports: Sequence[str], ctx: ActionContext, source: str) -> None:
+    def problem(message: str) -> None:
+        ctx.output.append(message)
+        ctx.problem(message)
+
+    details.collect(reports, ctx.details, problem, source)
 
 
 class AppActions:

@@ -135,6 +135,7 @@ class AppRunner:
             step=lambda report: events.step_finished(cycle, app, report),
             problem=lambda message: events.problem(message, cycle),
             checkpoint=self._save,
+            cycle=cycle,
         )
 
     def _run_action(
@@ -159,7 +160,7 @@ class AppRunner:
             self._events.problem(f"{app}: internal error", cycle, traceback.format_exc())
         duration_ms = elapsed_ms(self._clock() - started)
         outcome = AppOutcome.of(
-            self._config.app(app), phase, result, duration_ms, message, ctx.output
+            self._config.app(app), phase, result, duration_ms, message, ctx.output, ctx.details
         )
         self._events.app_finished(cycle, outcome)
         return outcome

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import details
 from .containment import Child, Jail, new_jail, start
 from .errors import ActionTimeout, CommandFailed
 from .paths import SAFE_PATH
@@ -40,6 +41,7 @@ POLL = 0.05  # how often a process is checked for where the kernel cannot say (n
 class Outcome:
     status: int  # exit status, or 128 + signal number
     output: tuple[str, ...]
+    reports: tuple[str, ...] = ()  # its qgafreeze-report lines, whole (``details``)
 
 
 def _account(user: str | None) -> Optional[pwd.struct_passwd]:
@@ -80,26 +82,41 @@ def _check_program(program: str, search_path: str, cwd: str) -> None:
 
 
 class Lines:
-    """Collects output lines from a file descriptor, keeping the first OUTPUT_LINES."""
+    """Collects output lines from a file descriptor, keeping the first OUTPUT_LINES; and aside,
+    whole and wherever they come, its report lines (up to ``details.KEPT`` bytes)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.dropped = 0
+        self.reports: list[str] = []
+        self._report_bytes = 0
         self._partial = b""
 
     def feed(self, data: bytes) -> list[str]:
         self._partial += data
         *complete, self._partial = self._partial.split(b"\n")
-        if len(self._partial) > LINE_LIMIT:
+        # A report line may be longer than others (its collector then says it is too long).
+        report = self._partial.startswith(details.PREFIX.encode())
+        if len(self._partial) > (details.LIMIT + 1 if report else LINE_LIMIT):
             complete.append(self._partial)
             self._partial = b""
-        new = [c.decode("utf-8", "replace").rstrip("\r")[:LINE_LIMIT] for c in complete]
+        whole = [c.decode("utf-8", "replace").rstrip("\r") for c in complete]
+        for line in whole:
+            if details.is_report(line):
+                self._keep_report(line)
+        new = [line[:LINE_LIMIT] for line in whole]
         for line in new:
             if len(self.lines) < OUTPUT_LINES:
                 self.lines.append(line)
             else:
                 self.dropped += 1
         return new
+
+    def _keep_report(self, line: str) -> None:
+        if self._report_bytes > details.KEPT:
+            return
+        self._report_bytes += len(line)
+        self.reports.append(line if self._report_bytes <= details.KEPT else details.OVERFLOW)
 
     def finish(self) -> tuple[str, ...]:
         if self._partial:
@@ -145,13 +162,15 @@ def run(
     user: str | None = None,
     env: Sequence[tuple[str, str]] = (),
     cwd: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Outcome:
     """Run a command to completion by ``deadline``; its output (stdout and stderr) is returned.
+    ``extra_env``: variables the daemon sets (QGAFREEZE_CYCLE), unless ``env`` sets them.
 
     On timeout it is killed with everything it started and ActionTimeout raised; what it leaves
     running when it exits is killed too.
     """
-    child = spawn(argv, user, env, cwd, subprocess.PIPE)
+    child = spawn(argv, user, env, cwd, subprocess.PIPE, extra_env=extra_env)
     stdout = child.process.stdout
     assert stdout is not None
     lines = Lines()
@@ -164,7 +183,8 @@ def run(
         child.close()
     finally:
         stdout.close()
-    return Outcome(status=status, output=lines.finish())
+    output = lines.finish()
+    return Outcome(status=status, output=output, reports=tuple(lines.reports))
 
 
 def read_output(
@@ -241,10 +261,12 @@ class HeldSession:
         env: Sequence[tuple[str, str]],
         cwd: str | None,
         on_exit: Callable[[int], None],
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         master, slave = pty.openpty()
         try:
-            self._child = spawn(argv, user, env, cwd, slave, True, {"TERM": "dumb"})
+            variables = {"TERM": "dumb", **(extra_env or {})}
+            self._child = spawn(argv, user, env, cwd, slave, True, variables)
         except CommandFailed:
             os.close(master)
             raise
@@ -364,3 +386,8 @@ class HeldSession:
     def output(self) -> tuple[str, ...]:
         with self._new_line:
             return tuple(self._lines.lines)
+
+    def reports(self) -> tuple[str, ...]:
+        """Its qgafreeze-report lines so far (see ``Lines``)."""
+        with self._new_line:
+            return tuple(self._lines.reports)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .model import App
@@ -21,6 +21,8 @@ class AppOutcome:
     output: tuple[str, ...] = ()
     units: tuple[str, ...] = ()  # the units the app declares, for logs
     actions: tuple[str, ...] = ()  # the kinds of action the app has, for logs
+    # What its commands reported about the snapshot (qgafreeze-report lines), for the report.
+    details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -31,6 +33,7 @@ class AppOutcome:
         duration_ms: int,
         message: str = "",
         output: Sequence[str] = (),
+        details: dict[str, Any] | None = None,
     ) -> AppOutcome:
         """The outcome of ``app``, naming its units and kinds of action as the config declares
         them: journald's fields for an app are the same whether it ran, timed out or was skipped.
@@ -44,6 +47,7 @@ class AppOutcome:
             output=tuple(output),
             units=app.units,
             actions=app.action_kinds,
+            details=dict(details or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ disks are frozen cannot block, and the host reads it through qemu-ga's ``guest-f
 the thaw has returned.  ``qgafreeze status --json`` prints the same document.
 
 Only what the engine decided goes in: results, durations, messages, and each app's declared
-guarantee.  Never command output, what a session was sent, or an environment value.
+guarantee; and each app's ``details``, what its commands printed as ``qgafreeze-report KEY JSON``
+lines (a backup label), bounded (``details.LIMIT``).  Never other command output, what a session
+was sent, or an environment value.
 
 The verdict:
 
@@ -129,6 +131,7 @@ def _app_entry(app: App, freeze: AppOutcome | None) -> Document:
         "note": "",
         "freeze": None if freeze is None else _result(freeze),
         "thaw": None,
+        "details": {} if freeze is None else dict(freeze.details),
     }
 
 
@@ -179,6 +182,8 @@ def _set_thaw(doc: Document, outcomes: Sequence[AppOutcome]) -> None:
     for entry in doc["apps"]:
         outcome = by_app.get(entry["app"])
         entry["thaw"] = None if outcome is None else _result(outcome)
+        # What the thaw reported (a backup label comes out only then) beside the freeze's.
+        entry["details"] = {**entry.get("details", {}), **(outcome.details if outcome else {})}
 
 
 def _judge(doc: Document, losses: Losses, recovered: bool) -> Document:
