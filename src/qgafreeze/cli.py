@@ -229,4 +229,11 @@ def render_status(reply: dict[str, Any]) -> str:
     if doc:  # kept across daemon restarts, unlike "last"
         lines.append(f"snapshot of cycle {doc.get('cycle')}: {doc.get('verdict')}")
         lines.extend(f"  {reason}" for reason in doc.get("verdict_reasons") or [])
+        disks = doc.get("filesystems_thawed")
+        if disks:
+            lines.append(
+                f"  the watchdog thawed {disks.get('count')} filesystem(s) at {disks.get('at')}:"
+                " a snapshot taken after that is not consistent"
+            )
+            lines.extend(f"  could not thaw {error}" for error in disks.get("errors") or [])
     return "\n".join(lines)

@@ -78,6 +78,13 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
         problems.add(f"settings.{name}", f"expected {expected}, got {fields.kind(value)}")
         return None
 
+    def boolean(name: str) -> bool:
+        value = given[name]
+        if isinstance(value, bool):
+            return value
+        problems.add(f"settings.{name}", f"expected true or false, got {fields.kind(value)}")
+        return bool(schema.SETTINGS.key(name).value)
+
     legacy_hooks = absolute("legacy_hooks", "an absolute directory", null_ok=False)
     allowed_group = given["allowed_group"]
     # Whether the group exists is the host's business (trust.host_problems), not parsing's.
@@ -92,6 +99,7 @@ def _parse_settings(problems: Problems, raw: Any) -> Settings:
         freeze_timeout=seconds("freeze_timeout"),
         thaw_timeout=seconds("thaw_timeout"),
         max_frozen=seconds("max_frozen", zero_ok=True),
+        watchdog_thaws_filesystems=boolean("watchdog_thaws_filesystems"),
         hook_log=absolute("hook_log", "an absolute path or null"),
         agent_state_file=absolute("agent_state_file", "an absolute file path or null", file=True),
         legacy_hooks=legacy_hooks and (legacy_hooks.rstrip("/") or "/"),

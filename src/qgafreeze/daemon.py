@@ -21,6 +21,7 @@ from .agentwatch import AgentFlagWatch
 from .config import load_file, parse_config
 from .engine import ABANDON_GRACE, FROZEN, THAWED, CycleReport, Engine
 from .errors import Busy, ConfigError, QgafreezeError
+from .fsthaw import thaw_all
 from .logs import PRIORITY_ERR, PRIORITY_INFO, PRIORITY_WARNING, LogWriter, default_journal_send
 from .model import Config
 from .planner import build_plan
@@ -154,6 +155,8 @@ class Daemon:
         budget = settings.thaw_timeout + ABANDON_GRACE
         if op == "freeze":  # a failed freeze rolls back within the thaw budget
             budget += settings.freeze_timeout + ABANDON_GRACE
+            if engine.state == THAWED and engine.paused_apps:  # leftovers: resumed again first
+                budget += settings.thaw_timeout + ABANDON_GRACE
         send({"accepted": True, "op": op, "timeout_ms": round((budget + 1) * 1000)})
         notify(f"STATUS={op} requested by pid {peer.pid}")
         try:
@@ -363,6 +366,7 @@ def run(config_path: str) -> int:
         log,
         state_file=state_file,
         report_file=ReportFile(),
+        fs_thawer=thaw_all,
     )
     if state_file.error:
         log.problem(state_file.error)
@@ -371,7 +375,12 @@ def run(config_path: str) -> int:
         if paused:
             log.problem(
                 f"the previous daemon left cycle {engine.cycle} with paused apps:"
-                f" {', '.join(paused)}; the next thaw (or the watchdog) resumes them",
+                f" {', '.join(paused)}; "
+                + (
+                    "the next thaw (or the watchdog) resumes them"
+                    if engine.state == FROZEN
+                    else "an earlier cycle could not resume them: retried until they are back"
+                ),
                 engine.cycle,
             )
     guard.engine = engine
@@ -383,7 +392,12 @@ def run(config_path: str) -> int:
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     daemon.watch_agent(config.settings.agent_state_file)
     server = Server(
-        listener, daemon, log, allowed_gid=gid, allowed_ops=config.settings.allowed_group_ops
+        listener,
+        daemon,
+        log,
+        allowed_gid=gid,
+        allowed_ops=config.settings.allowed_group_ops,
+        refusals=log,
     )
     daemon.server = server
     _warm_up(log)

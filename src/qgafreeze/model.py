@@ -95,6 +95,7 @@ class Settings:
     freeze_timeout: float
     thaw_timeout: float
     max_frozen: float  # watchdog; 0 disables it
+    watchdog_thaws_filesystems: bool  # the watchdog also thaws the disks (fsthaw)
     hook_log: str | None  # None: no compatible hook log
     agent_state_file: str | None  # None: do not watch qemu-ga
     legacy_hooks: str | None  # an old fsfreeze-hook.d to run as one more app

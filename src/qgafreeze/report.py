@@ -147,6 +147,7 @@ def freeze_document(config: Config, report: CycleReport) -> Document:
         "freeze": _phase(report.reason, report.ok, report.started_at, freeze_end, report.error),
         "thaw": None,
         "apps": [_app_entry(app, outcomes.get(app.name)) for app in config.apps],
+        "filesystems_thawed": None,
     }
     if report.rollback_at:
         doc["phase"], doc["reason"] = "thaw", "rollback"
@@ -174,7 +175,20 @@ def thaw_document(
         report.reason, report.ok, report.started_at, report.finished_at, report.error
     )
     _set_thaw(doc, report.apps + report.skipped)
+    doc["filesystems_thawed"] = _filesystems(report)
     return _judge(doc, losses, recovered)
+
+
+def _filesystems(report: CycleReport) -> Document | None:
+    """What the watchdog's own thaw of the disks did, if it ran."""
+    if report.filesystems is None:
+        return None
+    return {
+        "at": timestamp(report.filesystems_at),
+        "count": report.filesystems.count,
+        "mountpoints": list(report.filesystems.thawed),
+        "errors": list(report.filesystems.errors),
+    }
 
 
 def _set_thaw(doc: Document, outcomes: Sequence[AppOutcome]) -> None:
@@ -238,6 +252,7 @@ def empty_document() -> Document:
         "freeze": None,
         "thaw": None,
         "apps": [],
+        "filesystems_thawed": None,
     }
 
 

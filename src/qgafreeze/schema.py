@@ -130,6 +130,13 @@ SETTINGS = Section(
             "15m",
         ),
         Key(
+            "watchdog_thaws_filesystems",
+            "boolean",
+            "When the watchdog fires, also thaw every frozen filesystem (FITHAW), after resuming"
+            " the apps: the host that froze them is gone, and qemu-ga has no timer of its own.",
+            "true",
+        ),
+        Key(
             "hook_log",
             "absolute path, or null",
             "The log the stock hook writes, line for line; null: do not write it.",

@@ -72,8 +72,8 @@ apps:
     # settings.socket left the list (issue 10): it could not work as written.
     assert found == [
         "settings.freeze_timout: unknown key (allowed: freeze_timeout, thaw_timeout, max_frozen,"
-        " hook_log, agent_state_file, legacy_hooks, legacy_hook_timeout, allowed_group,"
-        " allowed_group_ops)",
+        " watchdog_thaws_filesystems, hook_log, agent_state_file, legacy_hooks,"
+        " legacy_hook_timeout, allowed_group, allowed_group_ops)",
         "apps.shop.on_failure: expected one of abort, continue, got string 'maybe'",
         "apps.shop.timeout: expected a duration such as 500ms, 30s, 2m or 1h, got 'soon'",
         "apps.shop.depends_on[0]: unknown app 'mariadbx'",
