@@ -155,6 +155,8 @@ class Daemon:
         budget = settings.thaw_timeout + ABANDON_GRACE
         if op == "freeze":  # a failed freeze rolls back within the thaw budget
             budget += settings.freeze_timeout + ABANDON_GRACE
+            if engine.state == THAWED and engine.paused_apps:  # leftovers: resumed again first
+                budget += settings.thaw_timeout + ABANDON_GRACE
         send({"accepted": True, "op": op, "timeout_ms": round((budget + 1) * 1000)})
         notify(f"STATUS={op} requested by pid {peer.pid}")
         try:
@@ -373,7 +375,8 @@ def run(config_path: str) -> int:
         if paused:
             log.problem(
                 f"the previous daemon left cycle {engine.cycle} with paused apps:"
-                f" {', '.join(paused)}; the next thaw (or the watchdog) resumes them",
+                f" {', '.join(paused)}; the next thaw (or the watchdog, or the retry of what a"
+                " failed rollback left) resumes them",
                 engine.cycle,
             )
     guard.engine = engine
@@ -384,9 +387,7 @@ def run(config_path: str) -> int:
         listener = bind_listener(socket_path(), gid)
     daemon = Daemon(config_path, engine, log, manager, guard, started, config_error)
     daemon.watch_agent(config.settings.agent_state_file)
-    server = Server(
-        listener, daemon, log, allowed_gid=gid, allowed_ops=config.settings.allowed_group_ops
-    )
+    server = Server(listener, daemon, log, gid, config.settings.allowed_group_ops, refusals=log)
     daemon.server = server
     _warm_up(log)
     return daemon.run(server)

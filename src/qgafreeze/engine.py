@@ -8,6 +8,8 @@ States: thawed -> freezing -> frozen -> thawing -> thawed.  The rules an adminis
   resume so that the next thaw tries again;
 * thaw with nothing frozen succeeds and changes nothing; a freeze while frozen is refused;
 * one cycle at a time: a request that arrives during a cycle is answered ``busy``, not queued;
+* what a failed rollback or thaw left paused is retried on a timer and before each freeze
+  (``leftovers``); a freeze is refused only while something is still left;
 * the watchdog (``max_frozen``) thaws by itself when no thaw arrives in time.
 
 The engine decides which phase runs and keeps the state; ``apprunner`` runs each app's part of
@@ -20,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -28,6 +30,7 @@ from .actioncontext import Action
 from .apprunner import AppEvents, AppRunner
 from .errors import ActionTimeout, Busy, CycleFailed, QgafreezeError, StateError
 from .fsthaw import ThawResult
+from .leftovers import RETRY, RETRY_DELAYS, CycleLock, Retrier, refusal
 from .model import Config
 from .outcome import FAILED, OK, SKIPPED, TIMEOUT, AppOutcome, elapsed_ms
 from .planner import Plan
@@ -45,7 +48,7 @@ THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
 class CycleReport:
     op: str  # freeze or thaw
     cycle: str
-    reason: str  # request, watchdog, shutdown
+    reason: str  # request, watchdog, shutdown, agent, retry
     ok: bool = True
     state: str = THAWED
     apps: list[AppOutcome] = field(default_factory=list)
@@ -92,6 +95,7 @@ class Engine:
         abandon_grace: float = ABANDON_GRACE,
         state_file: StateFile | None = None,
         report_file: ReportFile | None = None,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
         fs_thawer: Callable[[], ThawResult] | None = None,
     ) -> None:
         self._events = events
@@ -106,7 +110,9 @@ class Engine:
         self._writer = (
             None if state_file is None else BatchedStateWriter(state_file, self._snapshot)
         )
-        self._cycle_lock = threading.Lock()  # held for a whole cycle
+        # Held for a whole cycle, or a retry of leftovers, which requests wait for.
+        self._cycle_lock = CycleLock(lambda: self._config.settings.thaw_timeout + abandon_grace)
+        self._retrier = Retrier(self._retry_leftovers, retry_delays, events.problem)
         self._state = THAWED
         self._cycle = ""
         self._frozen_at = 0.0  # wall clock, for status
@@ -155,6 +161,7 @@ class Engine:
             "watchdog_in_s": None
             if self._watchdog.at is None
             else max(0, round(self._watchdog.at - time.time())),
+            "retry_in_s": self._retrier.due_in(),  # leftovers: the next retry
             "state_file_error": self._state_file.error if self._state_file else None,
             "apps": list(self._config.app_names),
             "last": None if self._last is None else self._last.summary(),
@@ -178,30 +185,26 @@ class Engine:
     # -- cycles --------------------------------------------------------------------------------
 
     def freeze(self, reason: str = "request") -> CycleReport:
-        if not self._cycle_lock.acquire(blocking=False):
+        retried = self._cycle_lock.take()
+        if retried is None:
             raise Busy(f"a {self._state} cycle is in progress; try again when it ends")
         try:
             if self._state == FROZEN:
                 raise StateError(
                     f"already frozen (cycle {self._cycle}); a second freeze is refused, thaw first"
                 )
+            if self._paused and not retried:  # leftovers: the re-check, unless a retry just was
+                self._thaw(RETRY)
             if self._paused:
-                raise StateError(
-                    "apps still paused by an earlier cycle: "
-                    f"{', '.join(self.paused_apps)}; thaw first so they are resumed"
-                )
+                last = self._last.error if self._last else None
+                raise StateError(refusal(self.paused_apps, last.message if last else "?"))
             return self._freeze(reason)
         finally:
             self._cycle_lock.release()
 
     def thaw(self, reason: str = "request", wait: float = 0.0) -> CycleReport:
         """Resume what is paused.  ``wait`` > 0 waits that long for a running cycle to end."""
-        acquired = (
-            self._cycle_lock.acquire(timeout=wait)
-            if wait > 0
-            else self._cycle_lock.acquire(blocking=False)
-        )
-        if not acquired:
+        if self._cycle_lock.take(wait) is None:
             raise Busy(f"a {self._state} cycle is in progress; try again when it ends")
         try:
             return self._thaw(reason)
@@ -277,6 +280,15 @@ class Engine:
         self._save()
         self._last = report
         self._events.cycle_finished(report)
+        if report.reason != RETRY and self._state == THAWED and self._paused:
+            self._retrier.kick()  # leftovers: retried until they are back (a retry goes on)
+
+    def _retry_leftovers(self) -> bool:
+        """The retrier's attempt: resume what is left; True while something still is."""
+        with self._cycle_lock.retry() as held:
+            if held and self._state == THAWED and self._paused:
+                self._thaw(RETRY)
+            return not held or (self._state == THAWED and bool(self._paused))
 
     # -- state kept outside the process ----------------------------------------------------------
 
@@ -305,7 +317,9 @@ class Engine:
         self._paused.replace(known)
         self._cycle = str(saved.get("cycle") or "")
         self._frozen_at = float(saved.get("frozen_at") or 0.0)
-        if self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):
+        if saved.get("state") == THAWED and self._paused:  # leftovers of a failed rollback
+            self._retrier.kick()
+        elif self._paused or saved.get("state") in (FREEZING, FROZEN, THAWING):
             self._state = FROZEN
             self._reporter.recovered = True
             watchdog_at = saved.get("watchdog_at")

@@ -40,6 +40,7 @@ MSG_CYCLE_DONE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f02"
 MSG_PROBLEM = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f03"
 MSG_DAEMON = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f04"
 MSG_STEP_DONE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f05"
+MSG_REFUSED = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f06"
 
 SYSLOG_IDENTIFIER = "qgafreeze"
 PRIORITY_ERR, PRIORITY_WARNING, PRIORITY_INFO = 3, 4, 6
@@ -96,6 +97,10 @@ class LogWriter:
 
     def daemon_event(self, message: str, priority: int = PRIORITY_INFO) -> None:
         self._put("daemon", (message, priority))
+
+    def refused(self, op: str | None, pid: int, uid: int, code: str, message: str) -> None:
+        """server.Refusals: a request answered with an error instead of being carried out."""
+        self._put("refused", (op, pid, uid, code, message))
 
     # -- queue --------------------------------------------------------------------------------
 
@@ -270,6 +275,21 @@ class LogWriter:
             QGAFREEZE_CYCLE=cycle or None,
         )
         return [f"{hook_log_date(when)}: qgafreeze warning: {message}"]
+
+    def _render_refused(self, when: float, payload: tuple[Any, ...]) -> list[str]:
+        op, pid, uid, code, message = payload
+        text = f"{op or 'request'} refused [{code}]: {message} (pid {pid}, uid {uid})"
+        self._journal(
+            text,
+            PRIORITY_WARNING,
+            MSG_REFUSED,
+            QGAFREEZE_OP=op,
+            QGAFREEZE_ERROR=code,
+            QGAFREEZE_PEER_PID=pid,
+            QGAFREEZE_PEER_UID=uid,
+        )
+        # status=1, as a failed hook's: ``grep 'status=[^0]'`` finds refusals too.
+        return [f"{hook_log_date(when)}: qgafreeze {text}; finished with status=1"]
 
     def _render_daemon(self, when: float, payload: tuple[str, int]) -> list[str]:
         message, priority = payload

@@ -60,6 +60,12 @@ class Problems(Protocol):
     def problem(self, message: str, cycle: str = "", detail: str = "") -> None: ...
 
 
+class Refusals(Protocol):
+    """Where every refused request is told (logs.LogWriter: the hook log and journald)."""
+
+    def refused(self, op: str | None, pid: int, uid: int, code: str, message: str) -> None: ...
+
+
 def activated_listener() -> socket.socket | None:
     """The socket systemd passed us (sd_listen_fds), or None when not socket-activated."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -194,10 +200,12 @@ class Server:
         allowed_gid: int | None = None,
         allowed_ops: Collection[str] = ALLOWED_GROUP_OPS,
         request_timeout: float = protocol.REQUEST_TIMEOUT,
+        refusals: Refusals | None = None,
     ) -> None:
         self._listener = listener
         self._handler = handler
         self._problems = problems
+        self._refusals = refusals  # None: refusals are told to ``problems`` instead
         self.allow(allowed_gid, allowed_ops)
         self._request_timeout = request_timeout
         self._clients = 0
@@ -256,6 +264,7 @@ class Server:
                 self._clients += 1
                 self._non_root += peer.uid != 0
         if full:
+            self._refused(None, peer, Busy("too many connections"))
             _send_quietly(conn, protocol.error_reply(None, Busy.code, "too many connections"))
             conn.close()
             return
@@ -289,18 +298,11 @@ class Server:
             ops = self.ops_for(peer, gid, granted)
             if not ops:
                 who = "root" if gid is None else f"root and group {gid}"
-                self._problems.problem(
-                    f"refused a request from uid {peer.uid} (pid {peer.pid}): only {who} may ask"
-                )
                 raise Forbidden(f"permission denied: only {who} may talk to qgafreeze")
             line = protocol.LineReader(conn).read_line(time.monotonic() + self._request_timeout)
             request = protocol.parse_request(line)
             op = request["op"]
             if op not in ops:
-                self._problems.problem(
-                    f"refused {op} from uid {peer.uid} (pid {peer.pid}): group"
-                    f" {gid} may ask for {', '.join(ops)} only"
-                )
                 raise Forbidden(
                     f"permission denied: {op} needs root; group {gid} may ask for"
                     f" {', '.join(ops)} (settings.allowed_group_ops)"
@@ -310,6 +312,7 @@ class Server:
             )
         except QgafreezeError as exc:  # Forbidden, ProtocolError, and the handler's own
             reply = protocol.error_reply(op, exc.code, exc.message)
+            self._refused(op, peer, exc)
         except Exception as exc:  # never let one request take the daemon down
             self._problems.problem(
                 f"internal error serving {op}: {exc!r}", detail=traceback.format_exc()
@@ -321,6 +324,18 @@ class Server:
                 self._non_root -= peer.uid != 0
         _send_quietly(conn, _shown_to(peer, reply))
         conn.close()
+
+    def _refused(self, op: str | None, peer: Peer, exc: QgafreezeError) -> None:
+        """Every refusal (busy, bad-state, forbidden, bad-request, ...) goes to both logs: a
+        backup that fails on one must leave its reason where the administrator looks.  Queued
+        by the log writer, never written here: the disks may be frozen."""
+        if self._refusals is not None:
+            self._refusals.refused(op, peer.pid, peer.uid, exc.code, exc.message)
+        else:
+            self._problems.problem(
+                f"refused {op or 'a request'} from uid {peer.uid} (pid {peer.pid})"
+                f" [{exc.code}]: {exc.message}"
+            )
 
 
 def _shown_to(peer: Peer, message: Any) -> Any:
