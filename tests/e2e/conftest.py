@@ -26,13 +26,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image import DEFAULT_SUITE, SUITES, GuestImage, build_seconds, ensure_image
-from shared import SharedGuests, uses_shared_guest
+from shared import LAST_MARKER, SharedGuests, uses_shared_guest
 from vm import QEMU, QEMU_IMG, VM, VMFactory, e2e_required
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
 SUITES_ENV = "QGAFREEZE_SUITES"
 _SUITES_MARKER = "suites(*names): run the test once per listed Debian suite that is selected"
+_LAST_MARKER_TEXT = f"{LAST_MARKER}: the module uses its suite's shared guest after every other"
 _MAX_CONCURRENT_BUILDS = 2
 _MAKE_DEB_TIMEOUT = 1200
 
@@ -59,6 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if not any(line.startswith("suites(") for line in declared):
         config.addinivalue_line("markers", _SUITES_MARKER)
+    if not any(line.startswith(LAST_MARKER) for line in declared):
+        config.addinivalue_line("markers", _LAST_MARKER_TEXT)
 
 
 def suite_selection() -> tuple[tuple[str, ...], str]:
@@ -116,15 +119,19 @@ def _order(items: list[pytest.Item]) -> list[pytest.Item]:
     of one suite several times over."""
     rank: dict[str, int] = {}
     sharing: set[str] = set()
+    last: set[str] = set()
     for item in items:
         rank.setdefault(str(item.fspath), len(rank))
         if uses_shared_guest(item):
             sharing.add(str(item.fspath))
+        if item.get_closest_marker(LAST_MARKER) is not None:
+            last.add(str(item.fspath))
     return sorted(
         items,
         key=lambda i: (
             SUITES.index(_item_suite(i) or DEFAULT_SUITE),
             str(i.fspath) not in sharing,
+            str(i.fspath) in last,
             rank[str(i.fspath)],
             i.location[1] or 0,
         ),
@@ -333,6 +340,12 @@ def shared_guest(
         lambda: tmp_path_factory.mktemp(f"e2e-shared-{guest_image.suite}"),
         REPO_ROOT,
     )
+
+
+@pytest.fixture(scope="module")
+def qemu_ga_files_before_install(shared_guest: VM, suite: str) -> str:
+    """qemu-ga's files (shared.QGA_FILES) in the shared guest before the package was installed."""
+    return _shared.before_install[suite]
 
 
 def _version() -> str:

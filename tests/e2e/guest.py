@@ -62,12 +62,13 @@ def guest_path(host_path: Path) -> str:
     return str(PurePosixPath("/src") / host_path.resolve().relative_to(REPO_ROOT))
 
 
-def install_package(vm: VM, deb_guest_path: str) -> str:
+def install_package(vm: VM, deb_guest_path: str, *options: str) -> str:
     """`apt-get install ./qgafreeze_*.deb` the way an admin does it, offline: the image holds
     every dependency, and has no network and no apt sources.  A transient unit, since the
     package's scripts restart qemu-ga."""
+    argv = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"]
     result = vm.run_unit(
-        ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", deb_guest_path],
+        [*argv, *options, deb_guest_path],
         timeout=900,
     )
     if result.exitcode != 0:

@@ -4,10 +4,12 @@ A guest boot with the package installed costs 1.5 to 2 minutes under TCG; most m
 nothing more than such a guest, so they share one (the `shared_guest` fixture) instead of each
 booting its own.  The price is discipline, which the fixture checks where it can: each module
 starts from a known state (`reset`: thawed, no apps declared, hook log empty, MariaDB running)
-and must stop what it started and remove the unit files it wrote.  A guest that stopped
+and must stop what it started and remove the files it wrote.  The package module comes last in
+each suite (`shared_guest_last`): it checks the install this guest began with, then upgrades,
+purges and compares qemu-ga's files with what they were before that install.  A guest that stopped
 answering is replaced by a fresh one rather than failing every module after the one that broke
-it.  Modules that need a guest of another kind (a fresh one for the package's install and purge,
-one run by libvirt) still boot their own.
+it.  A guest of another kind (one run by libvirt, a snapshot booted to see what it holds) is
+still booted by the test that needs it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from image import GuestImage
 from vm import VM, QGAError, QGATimeout, VMFactory
 
 FIXTURE = "shared_guest"
+# The module that must use a suite's shared guest after every other (it purges the package).
+LAST_MARKER = "shared_guest_last"
 _HEALTH_TIMEOUT = 20.0
+# What qemu-ga reads and the package may touch, listed with modes, owners and contents, so that
+# a file created, changed or left behind shows as a difference.
+QGA_FILES = (
+    "cd /etc && find qemu -printf '%y %m %U:%G %p -> %l\\n' | sort"
+    " && find qemu -type f -exec sha256sum {} + | sort"
+)
 
 
 def uses_shared_guest(item: pytest.Item) -> bool:
@@ -58,6 +68,8 @@ class SharedGuests:
         self._vms: dict[str, VM] = {}
         self._factories: dict[str, VMFactory] = {}
         self._remaining: dict[str, set[str]] = {}
+        # QGA_FILES in each suite's guest before the package was installed.
+        self.before_install: dict[str, str] = {}
 
     def plan(self, items: Iterable[pytest.Item], suite_of: Callable[[pytest.Item], str]) -> None:
         self._remaining = {}
@@ -80,6 +92,7 @@ class SharedGuests:
                 factory = self._factories[suite] = VMFactory(image, workdir(), share)
             vm = factory(name=f"shared-{suite}")
             self._vms[suite] = vm
+            self.before_install[suite] = sh(vm, QGA_FILES).stdout
             install(vm, package)
             assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
         reset(vm)

@@ -56,13 +56,15 @@ def guest(shared_guest: VM) -> Iterator[VM]:
         "mariadb -e 'CREATE DATABASE IF NOT EXISTS qgf; CREATE TABLE IF NOT EXISTS qgf.legacy"
         " (id INT PRIMARY KEY) ENGINE=InnoDB'",
     )
+    had_dir = sh(vm, f"test -d {HOOK_DIR}", check=False).exitcode == 0
     sh(vm, f"mkdir -p {HOOK_DIR}")
     vm.qga.write_file(SCRIPT, LOCK_SCRIPT.encode())
     sh(vm, f"chmod 755 {SCRIPT}")
     configure(vm, LEGACY_CONFIG)
     yield vm
-    # Shared with the next modules: no legacy hook may run in their cycles.
-    sh(vm, f"rm -f {SCRIPT} {FIFO}", check=False)
+    # Shared with the next modules: no legacy hook may run in their cycles, and the package's
+    # purge test compares /etc/qemu with what it was before.
+    sh(vm, f"rm -f {SCRIPT} {FIFO}" + ("" if had_dir else f"; rmdir {HOOK_DIR}"), check=False)
 
 
 def writes(vm: VM) -> dict[str, int]:

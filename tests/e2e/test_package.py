@@ -1,13 +1,14 @@
-"""The Debian package in a fresh guest of each release, the way an admin runs it: installed
-offline with apt-get, qemu-ga running its hook, its man pages, an upgrade over an older build
-while apps are declared and a backup is in progress, and a purge that leaves qemu-ga's files as
-they were before install.
+"""The Debian package in a guest of each release, the way an admin runs it: installed offline
+with apt-get, qemu-ga running its hook, its man pages, an upgrade over an older build while apps
+are declared and a backup is in progress, and a purge that leaves qemu-ga's files as they were
+before install.
 
-The tests of this module run in order on one guest per suite: each starts where the one before
-left the package (installed at the older version, then upgraded, then purged).  Last, on trixie,
-`sudo make install`, the README's other way in, on the guest the package was purged from (as an
-admin moving from the package to a source install does): a guest of its own would cost another
-boot.
+The install is the one the suite's shared guest began with (tests/e2e/shared.py: `apt-get
+install ./qgafreeze_*.deb` on a fresh guest, qemu-ga's files recorded just before), and this
+module is the last to use that guest.  Its tests run in order: each starts where the one before
+left the package (on trixie taken back to an older build, then upgraded; then purged).  Last, on
+trixie, `sudo make install`, the README's other way in, on the guest the package was purged from
+(as an admin moving from the package to a source install does).
 """
 
 from __future__ import annotations
@@ -33,18 +34,13 @@ from guest import (
     sh,
     wait_for,
 )
+from shared import QGA_FILES
 from vm import VM
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EVERY_SUITE = pytest.mark.suites("bullseye", "bookworm", "trixie")
-pytestmark = EVERY_SUITE
+pytestmark = [EVERY_SUITE, pytest.mark.shared_guest_last]
 
-# What qemu-ga reads and the package may touch, listed with modes, owners and contents, so that
-# a file created, changed or left behind shows as a difference.
-QGA_FILES = (
-    "cd /etc && find qemu -printf '%y %m %U:%G %p -> %l\\n' | sort"
-    " && find qemu -type f -exec sha256sum {} + | sort"
-)
 DUMMY_UNIT = "qgf-pkg-dummy.service"
 DUMMY_UNIT_TEXT = """[Unit]
 Description=an application qgafreeze quiesces in the package tests
@@ -106,19 +102,29 @@ UPGRADE_SUITE = "trixie"
 
 @pytest.fixture(scope="module")
 def first_package(suite: str, deb_package: Path, older_package: Path) -> Path:
-    """What the module installs first: an older build where the upgrade is tested, else this."""
+    """What the module starts from: an older build where the upgrade is tested, else this."""
     return older_package if suite == UPGRADE_SUITE else deb_package
 
 
 @pytest.fixture(scope="module")
-def guest(vm_factory, first_package: Path) -> Iterator[tuple[VM, str]]:
-    """A fresh guest with the package installed; also what qemu-ga's files were before."""
-    vm = vm_factory(name="package")
-    before = sh(vm, QGA_FILES).stdout
+def guest(
+    shared_guest, qemu_ga_files_before_install: str, first_package: Path
+) -> Iterator[tuple[VM, str]]:
+    """The suite's shared guest, with the package it was installed with; also what qemu-ga's
+    files were before that install."""
+    vm = shared_guest
     vm.qga.write_file(f"/etc/systemd/system/{DUMMY_UNIT}", DUMMY_UNIT_TEXT.encode())
     sh(vm, f"systemctl daemon-reload && systemctl start {DUMMY_UNIT}")
-    install_package(vm, guest_path(first_package))
-    yield vm, before
+    if _installed_version(vm) != _version_of(first_package):
+        # Back to the older build, so that the upgrade over it can be tested.
+        install_package(
+            vm,
+            guest_path(first_package),
+            "--allow-downgrades",
+            "-o",
+            "Dpkg::Options::=--force-confold",
+        )
+    yield vm, qemu_ga_files_before_install
 
 
 def _installed_version(vm: VM) -> str:
