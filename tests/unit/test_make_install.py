@@ -149,6 +149,32 @@ def test_install_copies_the_quiesce_helpers_beside_the_package(installed: tuple[
     assert list((package / "__pycache__").glob("__init__.*.pyc"))
 
 
+def test_the_installed_package_runs_the_quiesce_program_installed_beside_it(
+    installed: tuple[Path, str], tmp_path: Path
+) -> None:
+    destdir, _ = installed
+    # Under any PREFIX: the container tier installs under /opt, packages under /usr.
+    opt = tmp_path / "opt"
+    make("install", opt, prefix="/opt")
+    for root, prefix in ((destdir, "usr"), (opt, "opt")):
+        found = subprocess.run(
+            [
+                "/usr/bin/python3",
+                "-IB",
+                "-c",
+                "import sys; sys.path.insert(0, sys.argv[1]);"
+                " from qgafreeze import paths; print(paths.QUIESCE)",
+                str(root / prefix / "lib/qgafreeze"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        assert found == str(root / prefix / "libexec/qgafreeze/quiesce")
+        assert os.access(found, os.X_OK)
+
+
 def test_install_byte_compiles_with_the_final_paths(installed: tuple[Path, str]) -> None:
     destdir, _ = installed
 
