@@ -94,6 +94,7 @@ class Retrier:
             if self._cancel is not None:
                 self._cancel.set()
             self._cancel = cancel
+            self._due = time.time() + self._delays[0]  # status shows it from now on
         threading.Thread(target=self._run, args=(cancel,), name="leftovers", daemon=True).start()
 
     def stop(self) -> None:
