@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import paths
+
 PRESETS: dict[str, dict[str, Any]] = {
     "mariadb": {
         # FLUSH TABLES WITH READ LOCK is released when its session ends: hold the session.
@@ -27,17 +29,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "postgresql": {
-        # A checkpoint first, so that the backup starts (and a restore recovers) quickly; then
-        # pg_backup_start held in one session until pg_backup_stop (PostgreSQL 15 and later),
-        # whose backup label is saved for the restore.
-        "freeze": [{"exec": ["psql", "-X", "-q", "-c", "CHECKPOINT"], "user": "postgres"}],
+        # Our helper (quiesce/postgresql.py) through psql: a checkpoint, then a non-exclusive
+        # backup held in its one connection until the thaw, by the functions of the server's
+        # version (13 and later); the backup label goes into the cycle report, not a file.
         "session": {
-            "argv": ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"],
+            "argv": [paths.QUIESCE, "postgresql"],
             "user": "postgres",
-            "open": "SELECT pg_backup_start('qgafreeze', true);\n\\echo qgafreeze-ready\n",
+            "open": "",
             "ready": "^qgafreeze-ready$",
-            "close": "\\o /var/lib/postgresql/qgafreeze-backup_label\n"
-            "SELECT labelfile FROM pg_backup_stop(true);\n\\o\n",
+            "close": "thaw\n",
         },
     },
     "mongodb": {
@@ -56,8 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 GUARANTEES: dict[str, str] = {
     "mariadb": "writes blocked, tables flushed",
     "mysql": "writes blocked, tables flushed",
-    "postgresql": "checkpoint done, backup started; restore with the backup label saved at the"
-    " thaw to /var/lib/postgresql/qgafreeze-backup_label",
+    "postgresql": "checkpoint done, backup held until the thaw; its backup_label is in this"
+    " report's details once thawed",
     "mongodb": "data flushed, writes blocked",
     "redis": "RDB file complete on disk",
 }

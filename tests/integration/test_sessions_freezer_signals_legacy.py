@@ -1,5 +1,6 @@
 """Held database sessions, cgroup freeze, signals and legacy hook scripts against the real
-systemd, a real MariaDB and a real PostgreSQL in the container, driven through the shim."""
+systemd and a real MariaDB in the container, driven through the shim (PostgreSQL's preset:
+test_postgresql_preset.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ User=mysql
 ExecStart=/usr/sbin/mariadbd --no-defaults --datadir=/var/lib/mysql \\
   --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid --skip-networking
 """
-POSTGRES_UNIT = """[Service]
-User=postgres
-ExecStart=/usr/lib/postgresql/15/bin/postgres -D /var/lib/qgft-pg -k /run/postgresql \\
-  -c listen_addresses=
-"""
-
-
 def eventually(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,24 +61,6 @@ def mariadb(installed: Container) -> Container:
     return c
 
 
-@pytest.fixture(scope="module")
-def postgres(installed: Container) -> Container:
-    c = installed
-    c.run(
-        system_user("postgres", "/var/lib/postgresql")
-        + " && mkdir -p /var/lib/postgresql /var/lib/qgft-pg /run/postgresql"
-        " && chown postgres:postgres /var/lib/postgresql /var/lib/qgft-pg /run/postgresql"
-        f" && {AS_POSTGRES} /usr/lib/postgresql/15/bin/initdb -D /var/lib/qgft-pg >/dev/null",
-        timeout=120,
-    )
-    c.install_unit("qgft-postgres.service", POSTGRES_UNIT)
-    c.run(["systemctl", "start", "qgft-postgres.service"])
-    assert eventually(
-        lambda: c.run(f"{AS_POSTGRES} psql -Xc 'select 1'", check=False).returncode == 0
-    )
-    return c
-
-
 # The preset's client, matched on its whole command line (an argv list: no shell to match too).
 SESSION = ["pgrep", "-f", "^mariadb --batch --skip-column-names --unbuffered$"]
 
@@ -110,23 +86,6 @@ def test_held_mariadb_session_blocks_writes_while_frozen_and_releases_them_on_th
     assert c.run("mariadb -N -e 'SELECT id FROM qgft.t WHERE id=2'").stdout.strip() == "2"
     assert c.run(SESSION, check=False).returncode == 1  # the session is gone
     assert "UNLOCK" not in hook_log(c)  # what the session was sent is not logged
-
-
-def test_held_postgresql_session_spans_the_freeze_and_saves_the_backup_label(postgres):
-    c = postgres
-    psql = f"{AS_POSTGRES} psql -XAtc 'SELECT checkpoints_req FROM pg_stat_bgwriter'"
-    before = int(c.run(psql).stdout)
-    c.run("rm -f /var/lib/postgresql/qgafreeze-backup_label")
-    configure(c, "version: 1\napps:\n  pg: {preset: postgresql, timeout: 60s}\n")
-    code, out = hook(c, "freeze")
-    assert code == 0, out
-    assert int(c.run(psql).stdout) > before
-    # The backup is in progress in the held session: pg_backup_stop there succeeds at thaw.
-    code, out = hook(c, "thaw")
-    assert code == 0, out
-    label = c.run(["cat", "/var/lib/postgresql/qgafreeze-backup_label"]).stdout
-    assert "START WAL LOCATION" in label
-    assert "LABEL: qgafreeze" in label
 
 
 def test_cgroup_frozen_unit_stops_making_progress_and_resumes(installed):
