@@ -19,7 +19,6 @@ and writes it under /run.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,7 @@ from .report import CycleReporter, ReportFile
 from .scheduler import ABANDON_GRACE as ABANDON_GRACE
 from .scheduler import Clock, Scheduler
 from .state import BatchedStateWriter, PausedApps, StateFile
+from .watchdog import Watchdog
 
 THAWED, FREEZING, FROZEN, THAWING = "thawed", "freezing", "frozen", "thawing"
 
@@ -99,8 +99,6 @@ class Engine:
         fs_thawer: Callable[[], ThawResult] | None = None,
     ) -> None:
         self._events = events
-        # Thaws every frozen filesystem (fsthaw.thaw_all in the daemon); None: never.
-        self._fs_thawer = fs_thawer
         self._reporter = CycleReporter(events, report_file)
         self._clock = clock
         self._scheduler = Scheduler(clock, abandon_grace)
@@ -117,7 +115,10 @@ class Engine:
         self._cycle = ""
         self._frozen_at = 0.0  # wall clock, for status
         self._last: CycleReport | None = None
-        self._watchdog = _Alarm()
+        # max_frozen; fs_thawer (fsthaw.thaw_all in the daemon, None: never) thaws the disks too
+        self._watchdog = Watchdog(
+            lambda: self._config.settings, self.thaw, events.problem, fs_thawer
+        )
         self._configure(config, plan, actions)
 
     def _configure(self, config: Config, plan: Plan, actions: Mapping[str, Action]) -> None:
@@ -240,7 +241,7 @@ class Engine:
         else:
             self._state = FROZEN
             self._frozen_at = time.time()
-            self._arm_watchdog()
+            self._watchdog.arm(self._cycle)
         report.state = self._state
         report.duration_ms = elapsed_ms(self._clock() - started)
         report.finished_at = time.time()
@@ -267,7 +268,7 @@ class Engine:
                 report.ok = False
                 report.error = _failure(failed[0], "thaw")
         if reason == "watchdog" and ends_cycle:
-            self._thaw_filesystems(report)
+            self._watchdog.thaw_disks(report)
         report.state = self._state
         report.duration_ms = elapsed_ms(self._clock() - started)
         report.finished_at = time.time()
@@ -324,73 +325,12 @@ class Engine:
             self._reporter.recovered = True
             watchdog_at = saved.get("watchdog_at")
             if isinstance(watchdog_at, (int, float)):
-                self._arm_watchdog(max(0.0, watchdog_at - time.time()))
+                self._watchdog.arm(self._cycle, max(0.0, watchdog_at - time.time()))
         self._save()
         return self.paused_apps
-
-    # -- watchdog ------------------------------------------------------------------------------
-
-    def _arm_watchdog(self, after: float | None = None) -> None:
-        if self._config.settings.max_frozen <= 0:
-            return
-        limit = self._config.settings.max_frozen if after is None else after
-        cycle = self._cycle
-        self._watchdog.arm(limit, lambda: self._watchdog_fired(cycle))
-
-    def _watchdog_fired(self, cycle: str) -> None:
-        settings = self._config.settings
-        self._events.problem(
-            f"no thaw within max_frozen ({settings.max_frozen:g}s): resuming every paused app",
-            cycle,
-        )
-        try:
-            self.thaw(reason="watchdog", wait=settings.thaw_timeout)
-        except QgafreezeError as exc:
-            self._events.problem(f"watchdog thaw failed: {exc.message}", cycle)
-
-    def _thaw_filesystems(self, report: CycleReport) -> None:
-        """After the watchdog resumed the apps: thaw the disks too, since the host that froze them
-        is gone and qemu-ga never thaws by itself.  Under the cycle lock, so a thaw from the host
-        cannot run at the same time; both logs say it, and the report keeps it."""
-        if self._fs_thawer is None or not self._config.settings.watchdog_thaws_filesystems:
-            return
-        report.filesystems_at = time.time()
-        result = report.filesystems = self._fs_thawer()
-        for error in result.errors:
-            self._events.problem(f"watchdog could not thaw a filesystem: {error}", report.cycle)
-        thawed = f": {', '.join(result.thawed)}" if result.thawed else " (none was frozen)"
-        self._events.problem(
-            f"watchdog thawed {result.count} filesystem(s){thawed}; a snapshot taken from now on"
-            " is not consistent",
-            report.cycle,
-        )
 
 
 def _failure(outcome: AppOutcome, phase: str) -> QgafreezeError:
     if outcome.result == TIMEOUT:
         return ActionTimeout(f"{phase} of {outcome.app} timed out: {outcome.message}")
     return CycleFailed(phase, f"{phase} of {outcome.app} {outcome.result}: {outcome.message}")
-
-
-class _Alarm:
-    """Calls ``call`` from a thread ``seconds`` after ``arm``, unless disarmed first."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None  # wall clock: survives a daemon restart
-        self._cancel: threading.Event | None = None
-
-    def arm(self, seconds: float, call: Callable[[], None]) -> None:
-        self.at = time.time() + seconds
-        cancel = self._cancel = threading.Event()
-
-        def wait_then_call() -> None:
-            if not cancel.wait(seconds):  # one timed wait, no polling
-                call()
-
-        threading.Thread(target=wait_then_call, name="watchdog", daemon=True).start()
-
-    def disarm(self) -> None:
-        self.at = None
-        if self._cancel is not None:
-            self._cancel.set()
-            self._cancel = None

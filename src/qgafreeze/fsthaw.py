@@ -19,6 +19,7 @@ import fcntl
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Callable
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -181,3 +182,20 @@ def thaw_all(mountinfo: str = MOUNTINFO) -> ThawResult:
     except OSError as exc:
         return ThawResult(errors=(f"cannot read {mountinfo}: {exc.strerror or exc}",))
     return thaw_mounts(freezable(parse_mountinfo(text)))
+
+
+def thaw_and_say(
+    thaw: Callable[[], ThawResult], say: Callable[[str, str], None], cycle: str
+) -> ThawResult:
+    """The watchdog's thaw of the disks, and what the logs (``say``: a warning in both) must tell
+    about it: that a snapshot taken from then on is not consistent."""
+    result = thaw()
+    for error in result.errors:
+        say(f"watchdog could not thaw a filesystem: {error}", cycle)
+    thawed = f": {', '.join(result.thawed)}" if result.thawed else " (none was frozen)"
+    say(
+        f"watchdog thawed {result.count} filesystem(s){thawed}; a snapshot taken from now on"
+        " is not consistent",
+        cycle,
+    )
+    return result
