@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +21,14 @@ from qgafreeze.config import parse_config
 from qgafreeze.daemon import Daemon, ImportGuard
 from qgafreeze.engine import FROZEN, THAWED, Engine
 from qgafreeze.errors import ActionTimeout, StateError
-from qgafreeze.leftovers import Retrier
+from qgafreeze.leftovers import RETRY_DELAYS, Retrier
 from qgafreeze.logs import MSG_REFUSED, LogWriter
 from qgafreeze.planner import build_plan
 from qgafreeze.server import Server, bind_listener
 from qgafreeze.state import StateFile
 
 UNIT = "app.service"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class HangingStop(FakeSystemd):
@@ -296,3 +298,12 @@ def test_every_refused_request_is_in_the_hook_log_and_journald_with_its_reason(s
     ]
     assert "apps still paused by an earlier cycle: app" in records[0]["MESSAGE"]
     assert records[0]["PRIORITY"] == "4"
+
+
+def test_the_retry_schedule_is_the_one_the_readme_and_the_fault_matrix_state():
+    first, last = ", ".join(f"{d:g}" for d in RETRY_DELAYS[:-1]), f"{RETRY_DELAYS[-1]:g} s"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{first} s after the failure and then every {last}" in readme
+    assert f"{first} s, then every {last}" in (REPO / "docs" / "reliability.md").read_text()
+    assert f"{first} s, then every {last}" in (REPO / "docs" / "design.md").read_text()
+    assert Engine.__init__.__defaults__ is not None and RETRY_DELAYS in Engine.__init__.__defaults__
