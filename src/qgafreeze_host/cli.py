@@ -97,6 +97,11 @@ def render(doc: Document, out: TextIO) -> None:
         phases = ", ".join(p for p in (_phase(app.get("freeze")), _phase(app.get("thaw"))) if p)
         worth = app.get("guarantee") if app.get("quiesced") else app.get("note")
         print("  " + printable(f"{app.get('app')}: {phases or 'no record'}: {worth}"), file=out)
+        details = app.get("details")
+        if isinstance(details, dict) and details:
+            # Named only: a backup label is many lines; --json prints them whole.
+            keys = ", ".join(str(key) for key in details)
+            print("    " + printable(f"details (in --json): {keys}"), file=out)
     if doc.get("phase") == "freeze":
         print("qgafreeze-host: the guest has not recorded a thaw of this cycle yet", file=out)
 

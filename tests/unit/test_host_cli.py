@@ -62,6 +62,7 @@ def app_entry(
         "note": note,
         "freeze": {"phase": "freeze", "result": result, "duration_ms": 523, "message": ""},
         "thaw": {"phase": "thaw", "result": "ok", "duration_ms": 210, "message": ""},
+        "details": {},
     }
 
 
@@ -76,6 +77,7 @@ def report(cycle: str, verdict: str = "application-consistent", **changes: Any) 
         "freeze": phase(),
         "thaw": phase(),
         "apps": [app_entry("mariadb")],
+        "filesystems_thawed": None,
         **changes,
     }
     jsonschema.validate(doc, SCHEMA)  # the fakes' reports are ones the daemon could write

@@ -100,3 +100,22 @@ def test_report_lines_past_what_is_kept_end_in_one_line_the_collector_names():
     problems: list[str] = []
     details.collect(lines.reports[-1:], {}, problems.append, "session")
     assert "the rest were ignored" in problems[0]
+
+
+def test_the_host_client_names_an_apps_details_and_its_json_holds_them_whole():
+    import io
+
+    from qgafreeze_host import cli
+
+    label = "START WAL LOCATION: 0/2 (file 000000010000000000000002)\nLABEL: qgafreeze cycle c\n"
+    entry = {"app": "pg", "quiesced": True, "guarantee": "backup held", "freeze": None}
+    doc = {"verdict": "application-consistent", "cycle": "c", "apps": [
+        {**entry, "details": {"backup_label": label, "backup_stop": {"lsn": "0/3"}}},
+        {**entry, "app": "web", "details": {}},
+    ]}  # fmt: skip
+    out = io.StringIO()
+    cli.render(doc, out)
+    lines = out.getvalue().splitlines()
+    assert "    details (in --json): backup_label, backup_stop" in lines
+    assert sum("details" in line for line in lines) == 1  # none for an app without
+    assert "START WAL" not in out.getvalue()  # a label's many lines stay in --json
