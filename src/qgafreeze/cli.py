@@ -200,6 +200,15 @@ def status_document(reply: dict[str, Any]) -> dict[str, Any]:
     return {**document, "daemon": daemon}
 
 
+def _leftovers(reply: dict[str, Any]) -> str:
+    """Paused apps while thawed were left by an earlier cycle's failed rollback or thaw."""
+    if reply.get("state") != "thawed" or not reply.get("paused_apps"):
+        return ""
+    retry = reply.get("retry_in_s")
+    when = f"retried in {retry:g} s" if isinstance(retry, (int, float)) else "retried by a thaw"
+    return f" (left by an earlier cycle; {when}, and before the next freeze)"
+
+
 def render_status(reply: dict[str, Any]) -> str:
     if not reply.get("ok"):
         error = reply.get("error") or {}
@@ -207,7 +216,7 @@ def render_status(reply: dict[str, Any]) -> str:
     lines = [
         f"state: {reply.get('state')}"
         + (f" (cycle {reply['cycle']})" if reply.get("cycle") else ""),
-        f"paused apps: {', '.join(reply.get('paused_apps') or []) or 'none'}",
+        f"paused apps: {', '.join(reply.get('paused_apps') or []) or 'none'}" + _leftovers(reply),
         f"apps configured: {', '.join(reply.get('apps') or []) or 'none'}",
         f"daemon: pid {reply.get('pid')}, version {reply.get('version')},"
         f" up {reply.get('uptime_s')} s, config {reply.get('config')}",

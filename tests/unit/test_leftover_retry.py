@@ -17,6 +17,7 @@ from fakes import FakeSystemd, RecordingEvents
 
 from qgafreeze import protocol
 from qgafreeze.actions import build_actions
+from qgafreeze.cli import render_status
 from qgafreeze.config import parse_config
 from qgafreeze.daemon import Daemon, ImportGuard
 from qgafreeze.engine import FROZEN, THAWED, Engine
@@ -307,3 +308,17 @@ def test_the_retry_schedule_is_the_one_the_readme_and_the_fault_matrix_state():
     assert f"{first} s, then every {last}" in (REPO / "docs" / "reliability.md").read_text()
     assert f"{first} s, then every {last}" in (REPO / "docs" / "design.md").read_text()
     assert Engine.__init__.__defaults__ is not None and RETRY_DELAYS in Engine.__init__.__defaults__
+
+
+def test_status_says_which_paused_apps_an_earlier_cycle_left_and_when_they_are_retried():
+    systemd = HangingStop()
+    engine, _ = engine_for(systemd, delays=(3600,))
+    failed_freeze_with_rollback_timed_out(engine)
+    text = render_status({"ok": True, **engine.status()})
+    assert "paused apps: app (left by an earlier cycle; retried in 36" in text, text
+    systemd.stop_ends()
+    systemd.hang_stop = set()
+    assert engine.freeze().ok
+    text = render_status({"ok": True, **engine.status()})
+    assert "paused apps: app\n" in text and "earlier cycle" not in text, text  # frozen, as usual
+    assert engine.thaw().ok
