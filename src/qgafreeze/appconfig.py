@@ -18,7 +18,7 @@ from .model import (
     Step,
     join_path,
 )
-from .presets import PRESETS, apply_preset
+from .presets import OPTIONS, PRESETS, apply_preset
 
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -30,13 +30,48 @@ def _default(section: schema.Section, key: str) -> Any:
 def _apply_preset(problems: Problems, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     name = raw.get("preset")
     if name is None:
+        if raw.get("options") is not None:
+            problems.add(f"{path}.options", "applies to a preset's quiesce helper; add a preset")
         return raw
     if not isinstance(name, str) or name not in PRESETS:  # a list would not even hash
         problems.add(
             f"{path}.preset", f"unknown preset {fields.kind(name)} (known: {', '.join(PRESETS)})"
         )
         return raw
-    return apply_preset(name, raw)
+    return apply_preset(name, raw, _helper_args(problems, f"{path}.options", name, raw))
+
+
+def _helper_args(problems: Problems, path: str, preset: str, raw: dict[str, Any]) -> list[str]:
+    """The preset's options (schema.PRESET_OPTIONS), checked, as its helper's arguments: each
+    one the helper takes, written or not, so that the plan shows every value in force."""
+    given = raw.get("options")
+    if given is None:
+        given = {}
+    elif not isinstance(given, dict):
+        problems.add(path, f"expected a mapping, got {fields.kind(given)}")
+        given = {}
+    fields.check_keys(problems, path, given, schema.PRESET_OPTIONS)
+    takes = OPTIONS.get(preset, ())
+    args = []
+    for key in schema.PRESET_OPTIONS.keys:
+        value = given.get(key.name)
+        if key.name not in takes:
+            if key.name in given:
+                problems.add(f"{path}.{key.name}", f"preset {preset} does not take this option")
+            continue
+        flag = "--" + key.name.replace("_", "-")
+        if isinstance(key.value, bool):
+            if value is not None and not isinstance(value, bool):
+                problems.add(
+                    f"{path}.{key.name}", f"expected true or false, got {fields.kind(value)}"
+                )
+            elif value if value is not None else key.value:
+                args.append(flag)
+        else:
+            default = fields.parse_duration(key.value)
+            seconds = fields.duration(problems, f"{path}.{key.name}", value, default)
+            args.append(f"{flag}={seconds:g}")
+    return args
 
 
 def _session(problems: Problems, path: str, raw: Any) -> Session | None:

@@ -6,26 +6,30 @@ time); the result is validated like any other app.  The README says what consist
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from . import paths
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # Our helper (quiesce/mariadb.py) through the server's own client: it waits (bounded) for
+    # long statements, then takes BACKUP STAGE ... BLOCK_COMMIT on MariaDB 10.4+, FLUSH TABLES
+    # WITH READ LOCK elsewhere, under a bounded lock_wait_timeout, and holds it in its connection
+    # until the thaw ends its stdin.  Its options (PRESET OPTIONS) are added to the argv.
     "mariadb": {
-        # FLUSH TABLES WITH READ LOCK is released when its session ends: hold the session.
         "session": {
-            "argv": ["mariadb", "--batch", "--skip-column-names", "--unbuffered"],
-            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "argv": [paths.QUIESCE, "mariadb", "--client", "mariadb"],
+            "open": "",
             "ready": "^qgafreeze-ready$",
-            "close": "UNLOCK TABLES;\n",
+            "close": "",
         },
     },
     "mysql": {
         "session": {
-            "argv": ["mysql", "--batch", "--skip-column-names", "--unbuffered"],
-            "open": "FLUSH TABLES WITH READ LOCK;\nSELECT 'qgafreeze-ready';\n",
+            "argv": [paths.QUIESCE, "mariadb", "--client", "mysql"],
+            "open": "",
             "ready": "^qgafreeze-ready$",
-            "close": "UNLOCK TABLES;\n",
+            "close": "",
         },
     },
     "postgresql": {
@@ -54,8 +58,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # What each preset's quiescing guarantees the snapshot, as the cycle report says it (the README's
 # preset table says it at length).
 GUARANTEES: dict[str, str] = {
-    "mariadb": "writes blocked, tables flushed",
-    "mysql": "writes blocked, tables flushed",
+    "mariadb": "commits and DDL blocked (BACKUP STAGE BLOCK_COMMIT on MariaDB 10.4+, else"
+    " FLUSH TABLES WITH READ LOCK: writes blocked, tables flushed); details name the lock",
+    "mysql": "writes blocked, tables flushed (FLUSH TABLES WITH READ LOCK; BACKUP STAGE"
+    " BLOCK_COMMIT on MariaDB 10.4+); details name the lock",
     "postgresql": "checkpoint done, backup held until the thaw; its backup_label is in this"
     " report's details once thawed",
     "mongodb": "data flushed, writes blocked",
@@ -63,12 +69,45 @@ GUARANTEES: dict[str, str] = {
 }
 
 
-def apply_preset(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """The app as written (``raw``) over the preset ``name``, which must be one of PRESETS."""
+# The options (schema.PRESET_OPTIONS) each preset's quiesce helper takes.
+_MARIADB_OPTIONS = (
+    "long_query_threshold",
+    "long_query_wait",
+    "kill_long_queries",
+    "lock_wait_timeout",
+)
+OPTIONS: dict[str, tuple[str, ...]] = {"mariadb": _MARIADB_OPTIONS, "mysql": _MARIADB_OPTIONS}
+
+
+def apply_preset(name: str, raw: dict[str, Any], helper_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The app as written (``raw``) over the preset ``name``, which must be one of PRESETS;
+    ``helper_args`` (its options, as arguments) go to the preset's quiesce helper."""
     merged: dict[str, Any] = dict(PRESETS[name])
+    if helper_args:
+        merged = _with_helper_args(merged, list(helper_args))
     for key, value in raw.items():
+        if key == "options":
+            continue  # already in helper_args
         if key == "session" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     return merged
+
+
+def _with_helper_args(preset: dict[str, Any], args: list[str]) -> dict[str, Any]:
+    """The preset with ``args`` added wherever it runs the quiesce helper (session or steps)."""
+
+    def extend(command: dict[str, Any], key: str) -> dict[str, Any]:
+        argv = command.get(key)
+        if isinstance(argv, list) and argv[:1] == [paths.QUIESCE]:
+            return {**command, key: [*argv, *args]}
+        return command
+
+    result = dict(preset)
+    if isinstance(result.get("session"), dict):
+        result["session"] = extend(result["session"], "argv")
+    for phase in ("freeze", "thaw"):
+        if isinstance(result.get(phase), list):
+            result[phase] = [extend(step, "exec") for step in result[phase]]
+    return result

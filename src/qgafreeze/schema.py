@@ -205,6 +205,11 @@ APP = Section(
             MODES,
         ),
         Key("session", "mapping, see SESSION", "A process held open from freeze to thaw."),
+        Key(
+            "options",
+            "mapping, see PRESET OPTIONS",
+            "Settings of the quiesce helper the preset runs (presets mariadb and mysql).",
+        ),
         Key("freeze", "list of steps, see STEPS", "Steps run in order on freeze, before the rest."),
         Key(
             "thaw",
@@ -290,4 +295,44 @@ STEP = Section(
     ),
 )
 
-SECTIONS = (TOP, SETTINGS, APP, SESSION, STEP)
+# The helpers' own defaults are the same (quiesce/mariadb.py DEFAULTS; a unit test holds them).
+PRESET_OPTIONS = Section(
+    "PRESET OPTIONS",
+    "Under apps.NAME.options: settings of the quiesce helper that the app's preset runs.  Each"
+    " key says which presets take it; another preset refuses it.  MariaDB and MySQL: a statement"
+    " that holds the lock up makes every write wait behind it, so the helper waits for long"
+    " statements before it locks, and bounds the lock's own wait; writes then never wait longer"
+    " than lock_wait_timeout plus the frozen window.",
+    (
+        Key(
+            "long_query_threshold",
+            _DURATION,
+            "mariadb, mysql: a statement running this long (whole seconds) when the freeze arrives"
+            " is a long one, waited for before any lock is taken, if it would hold the lock up.",
+            "1s",
+        ),
+        Key(
+            "long_query_wait",
+            _DURATION,
+            "mariadb, mysql: how long to wait for long statements to finish; then the app fails"
+            " with nothing locked, naming them (id, verb, seconds, user; never their text).",
+            "5s",
+        ),
+        Key(
+            "kill_long_queries",
+            "boolean",
+            "mariadb, mysql: instead of failing, end the long statements still running after"
+            " long_query_wait with KILL QUERY (their changes are rolled back).",
+            "false",
+        ),
+        Key(
+            "lock_wait_timeout",
+            _DURATION,
+            "mariadb, mysql: the server's lock_wait_timeout (whole seconds, at least 1) for taking"
+            " the lock: the longest any write waits for it; not granted by then, the app fails.",
+            "3s",
+        ),
+    ),
+)
+
+SECTIONS = (TOP, SETTINGS, APP, SESSION, PRESET_OPTIONS, STEP)

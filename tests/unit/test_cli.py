@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qgafreeze import paths
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,8 +41,9 @@ def test_check_lists_every_action_of_every_app_in_order():
     out = qgafreeze("check", "-c", str(REPO / "config" / "qgafreeze.yaml")).stdout
     apps = out.split("apps (", 1)[1]
     assert (
-        "mariadb: timeout 15s, on failure abort, preset mariadb\n    1. hold a session: mariadb"
-        in apps
+        "mariadb: timeout 15s, on failure abort, preset mariadb\n    1. hold a session:"
+        f" {paths.QUIESCE} mariadb --client mariadb --long-query-threshold=1"
+        " --long-query-wait=5 --lock-wait-timeout=3," in apps
     )
     assert "metrics: timeout 10s, on failure continue\n    1. freeze the processes of" in apps
     assert "    1. freeze step: send SIGUSR1 to cache.service (main)\n" in apps

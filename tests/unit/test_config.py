@@ -117,8 +117,8 @@ def test_the_default_app_timeout_fits_both_default_phases():
 
 def test_unknown_app_key_is_an_error_not_ignored():
     assert problems("apps:\n  db:\n    units: [a]\n    timout: 3s\n") == [
-        "apps.db.timout: unknown key (allowed: preset, units, mode, session, freeze, thaw,"
-        " depends_on, timeout, on_failure)"
+        "apps.db.timout: unknown key (allowed: preset, units, mode, session, options, freeze,"
+        " thaw, depends_on, timeout, on_failure)"
     ]
 
 
@@ -204,12 +204,13 @@ def test_missing_config_is_a_clear_error(tmp_path):
 def test_a_preset_is_overridden_key_by_key_even_inside_the_session():
     config = parse_text(
         "apps:\n  db:\n    preset: mariadb\n    timeout: 5s\n"
-        "    session: {argv: [mariadb, --defaults-file=/etc/qgafreeze/my.cnf, --batch]}\n"
+        "    session: {env: {MYSQL_HOME: /etc/qgafreeze}, ready: '^go$'}\n"
     )
     session = config.app("db").session
     assert session is not None
-    assert session.argv == ("mariadb", "--defaults-file=/etc/qgafreeze/my.cnf", "--batch")
-    assert session.open.startswith("FLUSH TABLES WITH READ LOCK;")  # kept from the preset
+    assert session.env == (("MYSQL_HOME", "/etc/qgafreeze"),)
+    assert session.ready == "^go$"
+    assert session.argv[:2] == (paths.QUIESCE, "mariadb")  # kept from the preset
     assert config.app("db").timeout == 5
 
 

@@ -26,6 +26,7 @@ PLACES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "SETTINGS": ("settings", [{}]),
     "APPS": ("apps.a", [{"units": ["a"]}]),
     "SESSION": ("apps.a.session", [{"argv": ["/bin/cat"], "ready": "x"}]),
+    "PRESET OPTIONS": ("apps.a.options", [{}]),
     "STEPS": (
         "apps.a.freeze[0]",
         [{}, {"exec": ["/bin/true"]}, {"signal": "USR1", "units": ["a"]}],
@@ -45,6 +46,8 @@ def document(section: schema.Section, mapping: dict[str, Any]) -> dict[str, Any]
         app = mapping
     elif section is schema.SESSION:
         app = {"session": mapping}
+    elif section is schema.PRESET_OPTIONS:
+        app = {"preset": "mariadb", "options": mapping}
     else:
         app = {"freeze": [mapping]}
     return {"apps": {"a": app}}
@@ -154,6 +157,7 @@ def keys_used(data: dict[str, Any]) -> dict[str, set[str]]:
         "SETTINGS": set(data.get("settings") or {}),
         "APPS": {key for app in apps for key in app},
         "SESSION": {key for session in sessions for key in session},
+        "PRESET OPTIONS": {key for app in apps for key in app.get("options") or {}},
         "STEPS": {key for step in steps for key in step},
     }
 

@@ -1,0 +1,381 @@
+"""MariaDB and MySQL held still for a snapshot, as their own backup tools do it.
+
+``quiesce mariadb [--client mariadb|mysql] [OPTIONS]`` is held as the preset's session.  It runs
+the database's command-line client as its child, in batch mode, and at start:
+
+1. reads the server's version (``SELECT VERSION()``) and picks the lock: ``BACKUP STAGE START``
+   ... ``BLOCK_COMMIT`` on MariaDB 10.4 and later (mariabackup's sequence: commits and DDL wait,
+   running statements do not block it), ``FLUSH TABLES WITH READ LOCK`` elsewhere (MySQL, older
+   MariaDB), which blocks writes at once and then waits for every running statement;
+2. before taking any lock, waits up to ``--long-query-wait`` for the statements that have run
+   longer than ``--long-query-threshold`` and would hold the lock up (every statement under
+   FTWRL; under BACKUP STAGE, all but plain reads and writes: DDL, maintenance, LOCK, CALL) to
+   finish, as Percona XtraBackup's --ftwrl-wait-timeout/--ftwrl-wait-threshold do.  If they do
+   not, it fails with nothing locked and names them (id, verb, seconds, user: never their text,
+   which may hold secrets), or with ``--kill-long-queries`` ends them with ``KILL QUERY``;
+3. sets the session's ``lock_wait_timeout`` to ``--lock-wait-timeout`` and takes the lock: writes
+   never wait for it longer than that, and when it is not granted in time the app fails, naming
+   what was running;
+4. prints ``qgafreeze-report KEY JSON`` lines (server, lock, what the snapshot holds), then
+   ``qgafreeze-ready``, and holds the lock until its standard input ends (the thaw), when it
+   releases it (``BACKUP STAGE END`` / ``UNLOCK TABLES``) and exits 0.
+
+If the client dies while the lock is held it exits 1 at once: the daemon reports the lock lost.
+Every import happens before the ready line, and nothing is written to disk by this program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+READY = "qgafreeze-ready"
+EXIT_FAILED = 1
+# The preset's option defaults (schema.PRESET_OPTIONS says the same; a unit test holds them equal).
+DEFAULTS = {"long_query_threshold": 1.0, "long_query_wait": 5.0, "lock_wait_timeout": 3.0}
+POLL = 0.25  # how often the processlist is read again while waiting for long statements
+# What a client's lines and a server's version look like.
+_ERROR = re.compile(r"^ERROR (\d+)")
+_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+_VERB = re.compile(r"[A-Za-z]+")
+# Statements that never hold BACKUP STAGE up: reads and row changes (their commit waits at
+# BLOCK_COMMIT, the statement itself runs on).  Anything else (ALTER, OPTIMIZE, LOCK, CALL...)
+# may need the DDL lock BLOCK_DDL waits for.
+_DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "TABLE"})
+# Threads that are not a client's statement: idle connections, the server's own, replication.
+_NOT_STATEMENTS = ("Sleep", "Daemon", "Binlog Dump", "Binlog Dump GTID", "Killed")
+
+
+class Failed(Exception):
+    """The app fails: the message says why, and nothing is left locked."""
+
+
+class ClientError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A running statement, as much as may be logged of it: no text beyond its first word."""
+
+    id: int
+    seconds: int
+    user: str
+    verb: str
+
+    def describe(self) -> str:
+        return f"id {self.id} ({self.verb or '?'}, {self.seconds}s, user {self.user or '?'})"
+
+
+@dataclass(frozen=True)
+class Lock:
+    name: str  # as the report says it
+    take: tuple[str, ...]
+    release: str
+    holds: str  # what a snapshot taken under it holds
+    conflicts: Callable[[Statement], bool]
+
+
+BACKUP_STAGE = Lock(
+    "BACKUP STAGE BLOCK_COMMIT",
+    (
+        "BACKUP STAGE START",
+        "BACKUP STAGE FLUSH",
+        "BACKUP STAGE BLOCK_DDL",
+        "BACKUP STAGE BLOCK_COMMIT",
+    ),
+    "BACKUP STAGE END",
+    "every transaction committed before the lock; commits and DDL waited until the thaw, other"
+    " statements ran on (what they had not committed is rolled back at restore)",
+    lambda s: s.verb not in _DML,
+)
+FTWRL = Lock(
+    "FLUSH TABLES WITH READ LOCK",
+    ("FLUSH TABLES WITH READ LOCK",),
+    "UNLOCK TABLES",
+    "every statement finished before the lock, tables flushed; writes waited until the thaw",
+    lambda s: True,
+)
+
+
+def parse_version(text: str) -> tuple[str, tuple[int, int, int]]:
+    """``10.11.6-MariaDB-0+deb12u1`` -> ("MariaDB", (10, 11, 6)); ``8.0.36`` -> ("MySQL", ...)."""
+    match = _VERSION.match(text.strip())
+    if not match:
+        raise Failed(f"cannot read the server's version from {text.strip()[:40]!r}")
+    numbers = (int(match.group(1)), int(match.group(2)), int(match.group(3) or 0))
+    return ("MariaDB" if "mariadb" in text.lower() else "MySQL"), numbers
+
+
+def choose_lock(product: str, version: tuple[int, int, int], wanted: str) -> Lock:
+    """BACKUP STAGE where the server has it (MariaDB 10.4+), unless ``wanted`` says otherwise."""
+    has_stages = product == "MariaDB" and version >= (10, 4, 0)
+    if wanted == "ftwrl" or (wanted == "auto" and not has_stages):
+        return FTWRL
+    if not has_stages:
+        raise Failed(f"{product} {'.'.join(map(str, version))} has no BACKUP STAGE (MariaDB 10.4+)")
+    return BACKUP_STAGE
+
+
+class Client(Protocol):
+    def query(self, sql: str) -> list[list[str]]: ...
+
+
+class BatchClient:
+    """The database's command-line client as a child: statements in on stdin, rows out.
+
+    Each batch ends with a marker SELECT whose row says the batch is done; rows are tab-separated
+    (--raw: the values this module selects hold no tabs or newlines), errors are ERROR lines
+    (--force: the client goes on after one, so the session survives a refused KILL).
+    """
+
+    def __init__(self, program: str, extra: Sequence[str] = ()) -> None:
+        # The caller's own arguments first: an option file (--defaults-file) must come first.
+        argv = [program, *extra, "--batch", "--raw", "--skip-column-names", "--unbuffered"]
+        argv.append("--force")
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        except OSError as exc:
+            raise Failed(f"cannot run {program}: {exc.strerror}") from exc
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.fd = self.process.stdout.fileno()
+        self._stdin = self.process.stdin
+        self._buffer = b""
+        self._batches = 0
+        self._last: list[str] = []  # the client's last lines, for when it exits
+
+    def query(self, sql: str) -> list[list[str]]:
+        self._batches += 1
+        mark = f"qgafreeze-mark-{self._batches}"
+        try:
+            self._stdin.write(f"{sql};\nSELECT '{mark}';\n".encode())
+            self._stdin.flush()
+        except OSError as exc:
+            raise Failed(f"the client is gone: {self.ending()}") from exc
+        rows: list[list[str]] = []
+        error: Optional[ClientError] = None
+        while True:
+            line = self._line()
+            if line is None:
+                raise Failed(f"the client is gone: {self.ending()}")
+            if line == mark:
+                break
+            found = _ERROR.match(line)
+            if found and error is None:
+                error = ClientError(int(found.group(1)), line)
+            elif not found and "\t" in line:
+                rows.append(line.split("\t"))
+        if error is not None:
+            raise error
+        return rows
+
+    def _line(self) -> Optional[str]:
+        while b"\n" not in self._buffer:
+            data = os.read(self.fd, 65536)
+            if not data:
+                return None
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        text = line.decode(errors="replace").rstrip("\r")
+        self._last = [*self._last[-2:], text] if text.strip() else self._last
+        return text
+
+    def ending(self) -> str:
+        """The client's last words (what it printed before exiting) and its status."""
+        rest = (self._last + self._buffer.decode(errors="replace").strip().splitlines())[-3:]
+        status = self.process.wait(5)
+        return f"{' | '.join(rest) or 'no output'} (status {status})"
+
+    def close(self) -> int:
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def running(client: Client, threshold: float) -> list[Statement]:
+    """Other connections' statements that have run for ``threshold`` seconds or longer."""
+    excluded = ", ".join(f"'{c}'" for c in _NOT_STATEMENTS)
+    rows = client.query(
+        "SELECT 'long', ID, TIME, IFNULL(USER, ''),"
+        " REPLACE(REPLACE(REPLACE(LEFT(TRIM(INFO), 24), CHAR(9), ' '), CHAR(10), ' '),"
+        " CHAR(13), ' ')"
+        " FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND INFO IS NOT NULL"
+        f" AND COMMAND NOT IN ({excluded}) AND TIME >= {math.floor(threshold)}"
+        " ORDER BY TIME DESC"
+    )
+    found = []
+    for row in rows:
+        if len(row) >= 5 and row[0] == "long" and row[1].isdigit():
+            verb = _VERB.match(row[4].strip())
+            seconds = int(row[2]) if row[2].isdigit() else 0
+            found.append(
+                Statement(int(row[1]), seconds, row[3][:32], verb.group(0).upper() if verb else "")
+            )
+    return found
+
+
+def describe(statements: Sequence[Statement]) -> str:
+    return ", ".join(s.describe() for s in statements[:10]) + (
+        f" and {len(statements) - 10} more" if len(statements) > 10 else ""
+    )
+
+
+@dataclass
+class Options:
+    client: str = "mariadb"
+    lock: str = "auto"
+    long_query_threshold: float = DEFAULTS["long_query_threshold"]
+    long_query_wait: float = DEFAULTS["long_query_wait"]
+    lock_wait_timeout: float = DEFAULTS["lock_wait_timeout"]
+    kill_long_queries: bool = False
+    client_args: tuple[str, ...] = ()
+
+
+def report(out: Callable[[str], None], key: str, value: object) -> None:
+    out(f"qgafreeze-report {key} {json.dumps(value)}")
+
+
+def wait_for_long(
+    client: Client,
+    lock: Lock,
+    options: Options,
+    out: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once no long statement would hold ``lock`` up: they finished, or were killed."""
+    started = clock()
+    deadline = started + options.long_query_wait
+    while True:
+        long = [s for s in running(client, options.long_query_threshold) if lock.conflicts(s)]
+        if not long:
+            if clock() > started + POLL:
+                report(out, "waited_for_long_statements", round(clock() - started, 1))
+            return
+        if clock() >= deadline:
+            break
+        sleep(min(POLL, max(0.0, deadline - clock())))
+    if not options.kill_long_queries:
+        raise Failed(
+            f"nothing locked: {len(long)} statement(s) running longer than"
+            f" {options.long_query_threshold:g}s did not finish within"
+            f" {options.long_query_wait:g}s (long_query_wait) and would hold up {lock.name}:"
+            f" {describe(long)}; kill_long_queries ends them instead"
+        )
+    for statement in long:
+        try:
+            client.query(f"KILL QUERY {statement.id}")
+        except ClientError:
+            pass  # it finished meanwhile (unknown thread id)
+    print(f"killed {describe(long)} (kill_long_queries)", file=sys.stderr)
+    report(out, "killed_statements", [s.id for s in long])
+
+
+def take_lock(
+    client: Client,
+    options: Options,
+    out: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Lock:
+    """Everything up to the ready line; raises Failed with nothing left locked."""
+    rows = client.query("SELECT 'version', VERSION()")
+    version = rows[0][1] if rows and len(rows[0]) > 1 else ""
+    product, numbers = parse_version(version)
+    lock = choose_lock(product, numbers, options.lock)
+    report(out, "server", f"{product} {version}")
+    wait_for_long(client, lock, options, out, clock, sleep)
+    seconds = max(1, math.ceil(options.lock_wait_timeout))  # the server counts whole seconds
+    client.query(f"SET SESSION lock_wait_timeout = {seconds}")
+    try:
+        for statement in lock.take:
+            client.query(statement)
+    except ClientError as exc:
+        try:
+            blocking = running(client, 0)
+            client.query(lock.release)
+        except (ClientError, Failed):
+            blocking = []
+        why = f"; running: {describe(blocking)}" if blocking else ""
+        raise Failed(
+            f"{lock.name} not granted within {seconds}s (lock_wait_timeout): {exc}{why}"
+        ) from None
+    report(out, "lock", lock.name)
+    report(out, "holds", lock.holds)
+    return lock
+
+
+def hold(client_fd: int, stdin_fd: int) -> bool:
+    """Wait for the thaw (our stdin ends); False if the client died first."""
+    while True:
+        ready, _, _ = select.select([client_fd, stdin_fd], [], [])
+        if client_fd in ready and not os.read(client_fd, 65536):
+            return False
+        if stdin_fd in ready and not os.read(stdin_fd, 65536):
+            return True
+
+
+def parse_args(args: Sequence[str]) -> Options:
+    """``[OPTIONS] [-- CLIENT ARGUMENTS]``: what follows ``--`` goes to the client as it is."""
+    args = list(args)
+    ours, theirs = (
+        (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    )
+    parser = argparse.ArgumentParser(prog="quiesce mariadb", description=__doc__.split("\n")[0])
+    parser.add_argument("--client", default="mariadb", help="the client program (mariadb, mysql)")
+    parser.add_argument("--lock", choices=("auto", "backup-stage", "ftwrl"), default="auto")
+    for name, default in DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
+    parser.add_argument("--kill-long-queries", action="store_true")
+    return Options(**vars(parser.parse_args(ours)), client_args=tuple(theirs))
+
+
+def main(args: Sequence[str]) -> int:
+    options = parse_args(args)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    def fail(why: object) -> int:
+        print(f"quiesce mariadb: {why}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+    try:
+        client = BatchClient(options.client, options.client_args)
+    except Failed as exc:
+        return fail(exc)
+    try:
+        lock = take_lock(client, options, out)
+    except (Failed, ClientError) as exc:
+        client.close()  # the server drops whatever the session held with it
+        return fail(exc)
+    out(READY)
+    if not hold(client.fd, sys.stdin.fileno()):
+        return fail(f"the client died while the lock was held: {client.ending()}")
+    try:
+        client.query(lock.release)
+    except (ClientError, Failed) as exc:
+        client.close()
+        return fail(f"{lock.release} failed: {exc}")
+    status = client.close()
+    return 0 if status == 0 else fail(f"the client exited with status {status}")
