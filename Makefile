@@ -48,8 +48,8 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench test install uninstall check unitdir docs selinux rpm deb \
-	install-host uninstall-host
+.PHONY: help deps lint unit integration e2e demo bench soak test install uninstall check unitdir docs \
+	selinux rpm deb install-host uninstall-host
 
 help:
 	@echo "make test         deps, lint, then unit and integration tests (needs root)"
@@ -60,6 +60,8 @@ help:
 	@echo "make e2e          end-to-end tests in a real VM with qemu-ga (needs root)"
 	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
 	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
+	@echo "make soak         1000 freeze/thaw cycles under write load with faults (needs root;"
+	@echo "                  SOAK_CYCLES=N, SOAK_SEED=S repeats a run; docs/reliability.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
 	@echo "make selinux      compile the SELinux module (RHEL family) into build/selinux"
 	@echo "make rpm          build the noarch RPM and its -selinux and -host subpackages into dist/"
@@ -130,6 +132,13 @@ bench: deps
 	@dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q "ok installed" || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-matplotlib
 	PYTHONPATH=src $(PYTHON) bench/compare.py
+
+# Many cycles with MariaDB and a unit-based app under write load and random faults, in the
+# container tier, checked after every cycle; prints the figures docs/reliability.md quotes.
+SOAK_CYCLES ?= 1000
+SOAK_SEED ?=
+soak:
+	SOAK_CYCLES="$(SOAK_CYCLES)" SOAK_SEED="$(SOAK_SEED)" PYTHONPATH=src $(PYTHON) bench/soak.py
 
 # One backup of a MariaDB guest through real qemu-ga, printed as a timeline.
 demo:
