@@ -61,8 +61,8 @@ def mariadb(installed: Container) -> Container:
     return c
 
 
-# The preset's client, matched on its whole command line (an argv list: no shell to match too).
-SESSION = ["pgrep", "-f", "^mariadb --batch --skip-column-names --unbuffered$"]
+# The preset's helper (an argv list: no shell to match too), whose client holds the lock.
+SESSION = ["pgrep", "-f", "/libexec/qgafreeze/quiesce mariadb --client mariadb "]
 
 
 def test_held_mariadb_session_blocks_writes_while_frozen_and_releases_them_on_thaw(mariadb):
@@ -70,7 +70,7 @@ def test_held_mariadb_session_blocks_writes_while_frozen_and_releases_them_on_th
     configure(c, "version: 1\napps:\n  db: {preset: mariadb, timeout: 60s}\n")
     code, out = hook(c, "freeze")
     assert code == 0, out
-    # Reads go on; a write waits for the global read lock.
+    # Reads go on; a write waits for the backup lock (its commit, at BLOCK_COMMIT).
     assert c.run("mariadb -N -e 'SELECT COUNT(*) FROM qgft.t'").returncode == 0
     blocked = c.run("timeout 2 mariadb -e 'INSERT INTO qgft.t VALUES (1)'", check=False)
     assert blocked.returncode == 124, blocked
