@@ -26,7 +26,6 @@ restarted daemon with every app running, and ends with a thaw after which every 
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 import time
@@ -35,6 +34,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from chaosmodel import (
+    APPS,
+    ORDER,
+    SERIAL,
+    Answer,
+    Model,
+    after_signal_mid_cycle,
+    check_query,
+    linearize,
+)
 from container import Container
 from helpers import active, add_unit
 from hypothesis import HealthCheck, note, settings
@@ -49,7 +58,6 @@ from hypothesis.stateful import (
 from qgafreeze import shim
 from qgafreeze.errors import QgafreezeError
 
-APPS = ("a", "b", "c")
 UNITS = {app: f"qgft-chaos-{app}.service" for app in APPS}
 # Two configs with the same apps (a restart while frozen must find every paused app still
 # configured), told apart by the order status lists them in.
@@ -69,45 +77,12 @@ apps:
   a: {units: [qgft-chaos-a], depends_on: [b]}
 """,
 }
-ORDER = {"A": ["a", "b", "c"], "B": ["c", "b", "a"]}
-STATES = ("thawed", "freezing", "frozen", "thawing")
 LIFE = "5f6c1a6e2c0b4d1f9a3e7b8c2d4e6f04"  # MESSAGE_ID of daemon life records (ready, reload)
 
 # Bounded so that the test takes about a minute on the 2-core CI machine; derandomized and
 # without an example database, so that every run tries the same examples.
 EXAMPLES = 25
 STEPS = 12
-
-
-@dataclass(frozen=True)
-class Model:
-    frozen: bool = False
-    paused: frozenset[str] = frozenset()
-    cycle: str = ""  # of the freeze that froze, when known
-    in_force: str = "A"  # the config the daemon uses; a restarted daemon reads `file`
-    file: str = "A"
-    # False once a kill mid-cycle left apps whose record and units may disagree in the safe
-    # direction (recorded as paused, running): a thaw makes the model exact again.
-    exact: bool = True
-
-
-@dataclass
-class Answer:
-    op: str
-    reply: dict[str, Any] | None  # None: no reply (the daemon died mid-request)
-    transport: str = ""
-    sent: float = 0.0
-    received: float = 0.0
-
-    def code(self) -> str | None:
-        if self.reply is None:
-            return "transport"
-        error = self.reply.get("error")
-        return error.get("code") if isinstance(error, dict) else None
-
-    def message(self) -> str:
-        error = (self.reply or {}).get("error")
-        return str(error.get("message")) if isinstance(error, dict) else ""
 
 
 @dataclass
@@ -120,70 +95,6 @@ class Figures:
     reloads: int = 0
     busy: int = 0
     ops: dict[str, int] = field(default_factory=dict)
-
-
-def freeze_answer(model: Model, answer: Answer) -> Model | None:
-    """The model after ``answer`` to a freeze sent in ``model``, or None if it may not answer
-    that there."""
-    reply = answer.reply or {}
-    if model.frozen or model.paused:
-        wanted = "already frozen" if model.frozen else "still paused"
-        ok = answer.code() == "bad-state" and wanted in answer.message()
-        return model if ok else None
-    apps = reply.get("apps") or []
-    if not (
-        reply.get("ok") is True
-        and reply.get("state") == "frozen"
-        and sorted(a.get("app") for a in apps) == sorted(APPS)
-        and all(a.get("result") == "ok" and a.get("phase") == "freeze" for a in apps)
-        and not reply.get("rollback")
-    ):
-        return None
-    return replace(model, frozen=True, paused=frozenset(APPS), cycle=str(reply.get("cycle")))
-
-
-def thaw_answer(model: Model, answer: Answer) -> Model | None:
-    reply = answer.reply or {}
-    if reply.get("ok") is not True or reply.get("state") != "thawed":
-        return None
-    apps = reply.get("apps") or []
-    if not model.frozen:
-        if apps or reply.get("note") != "nothing to thaw: no app is paused":
-            return None
-        return model
-    if model.cycle and reply.get("cycle") != model.cycle:
-        return None
-    if model.paused:
-        resumed = {a.get("app") for a in apps if a.get("result") == "ok"}
-        if resumed != model.paused or len(apps) != len(model.paused) or reply.get("note"):
-            return None
-    elif apps or reply.get("note") != "no app needed resuming":
-        return None
-    return replace(model, frozen=False, paused=frozenset(), cycle="", exact=True)
-
-
-SERIAL = {"freeze": freeze_answer, "thaw": thaw_answer}
-
-
-def linearize(model: Model, answers: list[Answer]) -> list[Model]:
-    """Every model a serial order of the cycles in ``answers`` ends in, each cycle answering as
-    it did, an answer received before another was sent coming first (busy answers excepted:
-    they run no cycle).  Empty: no order explains the answers."""
-    cycles = [a for a in answers if a.op in SERIAL and a.code() != "busy"]
-    ends = []
-    for order in itertools.permutations(cycles):
-        if any(
-            later.received < earlier.sent
-            for i, earlier in enumerate(order)
-            for later in order[i + 1 :]
-        ):
-            continue
-        state: Model | None = model
-        for answer in order:
-            state = SERIAL[answer.op](state, answer) if state else None
-        if state is not None and state not in ends:
-            ends.append(state)
-    return ends
 
 
 class ChaosMachine(RuleBasedStateMachine):
@@ -313,7 +224,7 @@ class ChaosMachine(RuleBasedStateMachine):
         self.figures.steps += 1
         before = self.model
         answers = self.ask_at_once(requests)
-        note(f"asked {requests} in {before}: {[self.brief(a) for a in answers]}")
+        note(f"asked {requests} in {before}: {[a.brief() for a in answers]}")
         for answer in answers:
             assert answer.reply is not None, f"{answer.op}: no answer ({answer.transport})"
         cycles = [a for a in answers if a.op in SERIAL]
@@ -324,23 +235,12 @@ class ChaosMachine(RuleBasedStateMachine):
                     other is not answer for other in ran
                 ), f"{answer.op} answered busy with no other cycle running: {answer.reply}"
         ends = linearize(before, cycles)
-        assert ends, f"no serial order explains {[self.brief(a) for a in cycles]} from {before}"
+        assert ends, f"no serial order explains {[a.brief() for a in cycles]} from {before}"
         assert len(ends) == 1, f"answers fit several end states: {ends}"
         self.model = ends[0]
         for answer in answers:
             if answer.op in ("status", "ping"):
-                self.check_query(answer, concurrent=bool(ran), before=before)
-
-    def check_query(self, answer: Answer, concurrent: bool, before: Model) -> None:
-        reply = answer.reply or {}
-        assert reply.get("ok") is True and reply.get("state") in STATES, reply
-        if concurrent:
-            return
-        assert reply["state"] == ("frozen" if before.frozen else "thawed"), (reply, before)
-        if answer.op == "status":
-            assert set(reply["paused_apps"]) == before.paused, (reply["paused_apps"], before)
-            assert reply["apps"] == ORDER[before.in_force], (reply["apps"], before)
-            assert reply["config_error"] is None
+                check_query(answer, concurrent=bool(ran), before=before)
 
     @rule()
     def status_tells_the_truth_about_every_app(self) -> None:
@@ -425,60 +325,10 @@ class ChaosMachine(RuleBasedStateMachine):
         now = self.status()  # from the daemon that socket activation or Restart= brought back
         down = self.units_down()
         note(
-            f"{op} with SIG{sig} after {delay}s in {before}: {self.brief(answer)};"
+            f"{op} with SIG{sig} after {delay}s in {before}: {answer.brief()};"
             f" then {now['state']} paused {now['paused_apps']}, down {sorted(down)}"
         )
-        paused = frozenset(now["paused_apps"])
-        assert down <= paused, f"{down} down but not listed as paused"
-        assert now["apps"] == ORDER[before.file], (now["apps"], before)
-        served = SERIAL[op](before, answer) if answer.reply and answer.code() != "busy" else None
-        if answer.reply is not None and answer.code() != "busy":
-            assert served is not None, f"{op} answered {answer.reply} in {before}"
-        if answer.code() == "busy":
-            assert sig == "TERM" and "shutting down" in answer.message(), answer.reply
-        frozen = now["state"] == "frozen"
-        assert now["state"] in ("frozen", "thawed"), now
-        if not frozen:
-            assert not paused, now
-        if sig == "TERM" and sent:
-            # The old daemon resumed everything before it exited; a freeze it had not taken
-            # may have been served by its successor, which then holds that cycle.
-            if frozen:
-                assert served is not None and served.frozen and now["cycle"] == served.cycle, (
-                    "SIGTERM left the daemon frozen",
-                    now,
-                    answer.reply,
-                )
-        elif served is not None:
-            # The cycle finished before the kill: its outcome stands.
-            assert (frozen, paused) == (served.frozen, served.paused), (now, served)
-        elif before.frozen and op == "freeze":
-            assert frozen and paused == before.paused, (now, before)
-        elif not before.frozen and op == "thaw":
-            assert not frozen, now
-        elif before.frozen:  # a thaw killed half-way: what it had not resumed stays paused
-            assert paused <= before.paused, (now, before)
-        # else: a freeze killed half-way is frozen with what it had recorded, or not at all.
-        self.model = Model(
-            frozen=frozen,
-            paused=paused,
-            cycle=str(now["cycle"]) if frozen else "",
-            in_force=before.file,
-            file=before.file,
-            exact=down == paused,
-        )
-
-    @staticmethod
-    def brief(answer: Answer) -> str:
-        if answer.reply is None:
-            return f"{answer.op}: {answer.transport}"
-        reply = answer.reply
-        if answer.code():
-            return f"{answer.op}: {answer.code()} {answer.message()[:60]}"
-        if answer.op not in SERIAL:
-            return f"{answer.op}: ok {reply.get('state')} paused {reply.get('paused_apps')}"
-        apps = [a.get("app") for a in reply.get("apps") or []]
-        return f"{answer.op}: ok {reply.get('state')} {apps} {reply.get('note', '')}".rstrip()
+        self.model = after_signal_mid_cycle(before, answer, sig, sent, now, down)
 
 
 @pytest.fixture
