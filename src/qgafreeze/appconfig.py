@@ -228,16 +228,18 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         else:
             depends_on.append(dep)
 
+    timeout = fields.duration(
+        problems,
+        f"{path}.timeout",
+        raw.get("timeout"),
+        fields.parse_duration(_default(schema.APP, "timeout")),
+    )
+    _warn_of_waits_beyond(problems, f"{path}.options", raw, timeout)
     return App(
         name=name,
         units=units,
         depends_on=tuple(depends_on),
-        timeout=fields.duration(
-            problems,
-            f"{path}.timeout",
-            raw.get("timeout"),
-            fields.parse_duration(_default(schema.APP, "timeout")),
-        ),
+        timeout=timeout,
         on_failure=on_failure,
         mode=mode,
         session=session,
@@ -245,6 +247,32 @@ def parse_app(problems: Problems, name: Any, raw: Any) -> App | None:
         thaw=thaw,
         preset=raw.get("preset") if isinstance(raw.get("preset"), str) else None,
     )
+
+
+def _warn_of_waits_beyond(
+    problems: Problems, path: str, raw: dict[str, Any], timeout: float
+) -> None:
+    """The helper's own waits (long statements, then the lock) must end inside the app's timeout,
+    or the timeout ends the helper first and the reason it would have named is lost."""
+    waits = ("long_query_wait", "lock_wait_timeout")
+    if not all(key in OPTIONS.get(str(raw.get("preset")), ()) for key in waits):
+        return
+    given = raw.get("options")
+    if not isinstance(given, dict):
+        given = {}
+    total = 0.0
+    for key in waits:
+        try:
+            total += fields.parse_duration(given.get(key, schema.PRESET_OPTIONS.key(key).value))
+        except ValueError:
+            return  # already an error at its place
+    if total >= timeout:
+        problems.warn(
+            path,
+            f"long_query_wait + lock_wait_timeout ({fields.format_duration(total)}) is not shorter"
+            f" than the app's timeout ({fields.format_duration(timeout)}): the timeout ends the"
+            " helper before it can say why it could not lock",
+        )
 
 
 def legacy_app(directory: str, timeout: float) -> App:

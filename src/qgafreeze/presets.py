@@ -86,8 +86,6 @@ def apply_preset(name: str, raw: dict[str, Any], helper_args: Sequence[str] = ()
     if helper_args:
         merged = _with_helper_args(merged, list(helper_args))
     for key, value in raw.items():
-        if key == "options":
-            continue  # already in helper_args
         if key == "session" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:

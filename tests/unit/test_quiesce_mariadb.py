@@ -359,3 +359,13 @@ def test_a_client_that_cannot_start_fails_the_helper_with_its_reason(tmp_path):
     _, err = helper.communicate(timeout=10)
     assert helper.returncode == mariadb.EXIT_FAILED
     assert "cannot run" in err and "Traceback" not in err
+
+
+def test_check_warns_when_the_helpers_waits_do_not_fit_in_the_apps_timeout():
+    fits = parse_text("apps:\n  db: {preset: mariadb}\n")  # 5s + 3s inside the default 15s
+    assert fits.warnings == ()
+    tight = parse_text(
+        "apps:\n  db: {preset: mysql, timeout: 10s, options: {long_query_wait: 8s}}\n"
+    )
+    (warning,) = tight.warnings
+    assert warning.startswith("apps.db.options: long_query_wait + lock_wait_timeout (11s)")
