@@ -49,8 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "thaw": [{"exec": ["mongosh", "--quiet", "--eval", "db.fsyncUnlock()"]}],
     },
     "redis": {
-        # SAVE returns once the RDB file is complete on disk.
-        "freeze": [{"exec": ["redis-cli", "SAVE"]}],
+        # Our helper (quiesce/redis.py) through redis-cli: BGSAVE, which keeps clients answered
+        # (SAVE blocks them all until the file is written), awaited until it has succeeded.
+        # Nothing is held: the RDB file is complete before the filesystems freeze.
+        "freeze": [{"exec": [paths.QUIESCE, "redis"]}],
     },
 }
 
@@ -65,7 +67,7 @@ GUARANTEES: dict[str, str] = {
     "postgresql": "checkpoint done, backup held until the thaw; its backup_label is in this"
     " report's details once thawed",
     "mongodb": "data flushed, writes blocked",
-    "redis": "RDB file complete on disk",
+    "redis": "RDB file saved in the background after the freeze request, complete on disk",
 }
 
 
