@@ -26,13 +26,13 @@ SHELL := /bin/sh
 
 # What the tests need from the distribution, and the same for dnf systems.
 DEB_TEST_PKGS = python3-pydbus python3-systemd python3-yaml python3-pytest python3-venv \
-	systemd-container dbus mariadb-server mariadb-client postgresql python3-hypothesis \
+	systemd-container dbus mariadb-server mariadb-client postgresql redis-server python3-hypothesis \
 	python3-dbusmock python3-jsonschema groff-base pkgconf \
 	qemu-system-x86 qemu-utils debootstrap e2fsprogs \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients jq \
 	debhelper dh-python lintian rpm checkpolicy semodule-utils
 RPM_TEST_PKGS = python3-pydbus python3-systemd python3-pyyaml python3-pytest systemd-container \
-	mariadb-server postgresql-server python3-hypothesis python3-dbusmock dbus-daemon \
+	mariadb-server postgresql-server redis python3-hypothesis python3-dbusmock dbus-daemon \
 	groff-base pkgconf-pkg-config python3-jsonschema
 DEB_RUNTIME_PKGS = python3-yaml python3-pydbus python3-systemd
 RPM_RUNTIME_PKGS = python3-pyyaml python3-pydbus python3-systemd
