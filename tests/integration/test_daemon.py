@@ -5,6 +5,7 @@ hook log read back.  Runs in a container with systemd as PID 1 (see conftest.py)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -399,6 +400,12 @@ def test_watchdog_resumes_apps_when_no_thaw_arrives_and_says_so_loudly(three_app
     warnings = c.journal(SYSLOG_IDENTIFIER="qgafreeze", QGAFREEZE_CYCLE=cycle_of(out))
     assert any("max_frozen" in r["MESSAGE"] and int(r["PRIORITY"]) <= 4 for r in warnings)
     assert "max_frozen" in hook_log(c)
+    # Then it thawed the disks: under real systemd, with nothing frozen here, it found nothing
+    # to thaw and no mount it could not open or ask.
+    report = json.loads(c.run([CLI, "status", "--json"]).stdout)
+    assert report["filesystems_thawed"]["count"] == 0, report["filesystems_thawed"]
+    assert report["filesystems_thawed"]["errors"] == [], report["filesystems_thawed"]
+    assert "watchdog thawed 0 filesystem(s) (none was frozen)" in hook_log(c)
     assert hook(c, "thaw")[0] == 0  # qemu-ga's late thaw still succeeds
 
 
