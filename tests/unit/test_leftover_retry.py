@@ -96,7 +96,7 @@ def test_a_rollback_that_timed_out_is_retried_on_a_timer_until_systemd_has_start
 
     assert wait_until(lambda: engine.paused_apps == []), "the retry never saw the app back"
     assert wait_until(lambda: engine.status()["retry_in_s"] is None)
-    assert events.cycles[-1].reason == "retry" and events.cycles[-1].ok
+    assert wait_until(lambda: events.cycles[-1].reason == "retry" and events.cycles[-1].ok)
     calls = len(systemd.calls("start"))
     time.sleep(0.2)
     assert len(systemd.calls("start")) == calls, "retries went on with nothing left"
@@ -184,9 +184,9 @@ def test_a_daemon_restarted_with_leftovers_retries_them_instead_of_taking_itself
     engine, _ = engine_for(systemd, delays=(0.05,), state_file=state)
     assert engine.recover(state.load() or {}) == ["app"]
     assert engine.state == THAWED
-    assert wait_until(lambda: engine.paused_apps == [])
-    assert systemd.active[UNIT] == "active"
-    assert json.loads((tmp_path / "state.json").read_text())["paused"] == {}
+    saved = tmp_path / "state.json"
+    assert wait_until(lambda: json.loads(saved.read_text())["paused"] == {})  # saved after
+    assert engine.paused_apps == [] and systemd.active[UNIT] == "active"
 
 
 # -- the retrier ---------------------------------------------------------------------------------
