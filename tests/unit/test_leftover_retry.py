@@ -110,7 +110,7 @@ def test_the_next_freeze_succeeds_once_the_app_is_back_with_no_thaw_in_between()
     started = time.monotonic()
     with pytest.raises(StateError) as refused:
         engine.freeze()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # the app's 100 ms timeout, not a cycle's
     message = refused.value.message
     assert "apps still paused by an earlier cycle: app" in message
     assert "start did not finish in time" in message, message  # and why, from the re-check
@@ -206,7 +206,7 @@ def test_retries_back_off_and_stop_once_nothing_is_left():
     retrier.kick()
     assert wait_until(lambda: retrier.due_in() is None and len(times) == 4)
     gaps = [b - a for a, b in zip([started, *times], times)]
-    assert gaps[0] < 0.07 and all(gap >= 0.07 for gap in gaps[2:]), gaps  # the last delay repeats
+    assert gaps[0] >= 0.015 and all(gap >= 0.075 for gap in gaps[1:]), gaps  # the last repeats
     time.sleep(0.2)
     assert len(times) == 4
 
