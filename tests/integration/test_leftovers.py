@@ -17,12 +17,12 @@ from qgafreeze.logs import MSG_REFUSED
 UNIT = "qgft-hang.service"
 HANG = "/run/qgft-hang"
 # While HANG exists, the stop hangs (sleep 30) past the app's timeout (1 s) until systemd gives
-# up on it at its TimeoutStopSec (4 s), kills it, and runs the start that the rollback queued
+# up on it at its TimeoutStopSec (10 s), kills it, and runs the start that the rollback queued
 # behind it.  Without HANG the stop is quick: the next backup's freeze can succeed.
 HANGING_STOP = f"""[Service]
 ExecStart=/bin/sleep infinity
 ExecStop=/bin/sh -c 'test -e {HANG} && exec sleep 30; true'
-TimeoutStopSec=4
+TimeoutStopSec=10
 """
 CONFIG = "version: 1\nsettings: {max_frozen: 0}\napps:\n  hang: {units: [qgft-hang], timeout: 1s}\n"
 
