@@ -191,10 +191,11 @@ def test_a_save_someone_else_starts_just_before_our_bgsave_goes_first_then_ours_
     fake.others_start_before_next_bgsave = 1
     done, _ = saver(fake)
 
-    done.save()
+    report = done.save()
 
     assert fake.refused == ["ERR Background save already in progress"]
     assert fake.bgsaves() == 2 and len(fake.saves_started_at) == 2
+    assert report["rdb"]["waited_for_earlier_save"] is True
 
 
 def test_during_an_aof_rewrite_the_save_is_scheduled_behind_it_and_awaited():

@@ -158,6 +158,7 @@ class Saver:
         self._say = say
         self._wall = wall
         self._deadline = None if timeout is None else clock() + timeout
+        self._waited = False  # for a save that was running before ours
 
     def _remaining(self) -> Optional[float]:
         return None if self._deadline is None else max(0.0, self._deadline - self._clock())
@@ -214,6 +215,7 @@ class Saver:
     def _idle(self, state: Persistence) -> Persistence:
         if not state.saving:
             return state
+        self._waited = True
         return self._wait(
             f"the background save already running (for {max(state.save_seconds, 0)} s) to"
             " end: it began before this freeze was asked for, so another follows it",
@@ -252,7 +254,6 @@ class Saver:
                 "Redis is still loading its dataset (loading:1) and refuses BGSAVE until it is"
                 " done; try the backup again then"
             )
-        earlier = before.saving
         asked, scheduled, state = self._start(before)
         seen = not scheduled  # "started" means it is running now
 
@@ -277,7 +278,7 @@ class Saver:
 
         done = self._wait("the background save to finish", finished)
         self._say(f"redis: background save done ({max(done.last_save_seconds, 0)} s)")
-        return {"rdb": self._rdb(done, asked, earlier), "aof": self._aof(done)}
+        return {"rdb": self._rdb(done, asked, self._waited), "aof": self._aof(done)}
 
     def _config(self, name: str) -> Optional[str]:
         """A CONFIG GET value, or None where CONFIG is renamed, refused or unknown."""
