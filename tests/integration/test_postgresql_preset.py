@@ -135,3 +135,99 @@ def test_an_unreachable_server_fails_the_freeze_with_psqls_reason(postgres):
     assert "session ended before it was ready" in message
     assert "5999" in message  # psql's own words: the socket it could not reach
     hook(c, "thaw")
+
+
+ARCHIVE = "/var/lib/qgft-pg-archive"
+COPY = "/var/lib/qgft-pg-copy"
+RESTORE_SOCKET = "/run/qgft-pg-restore"
+ACKS = "/run/qgft-pg-acks"
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+def start_copy(c: Container, datadir: str, log: str) -> int:
+    """A second server on ``datadir`` on its own socket; pg_ctl's exit status."""
+    return c.run(
+        f"{AS_POSTGRES} {PG_BIN}/pg_ctl -D {datadir} -l {log} -w -t 120 start"
+        f" -o '-k {RESTORE_SOCKET} -p 5499 -c listen_addresses= -c archive_mode=off'",
+        check=False,
+        timeout=180,
+    ).returncode
+
+
+def test_a_copy_taken_while_frozen_restores_as_a_base_backup_as_the_readme_says(postgres):
+    # The README's restore as a base backup, on a copy of the data directory made file by file
+    # while frozen (not atomic: the case the label is for), under insert load: with the label of
+    # the cycle and the archived WAL it starts from the label's checkpoint, holds every insert
+    # acknowledged before the freeze and passes pg_amcheck; with the label alone it refuses.
+    c = postgres
+    c.run(
+        f"install -d -o postgres -g postgres -m 0700 {ARCHIVE} {RESTORE_SOCKET}"
+        f" && rm -rf {COPY} {COPY}-nowal {ACKS}"
+    )
+    psql(c, "ALTER SYSTEM SET archive_mode = on")
+    psql(c, f"ALTER SYSTEM SET archive_command = 'cp %p {ARCHIVE}/%f'")
+    c.run(["systemctl", "restart", "qgft-postgres.service"])
+    assert eventually(lambda: psql(c, "SHOW archive_mode", check=False) == "on")
+    psql(c, "CREATE TABLE IF NOT EXISTS acks (id bigint PRIMARY KEY, payload text)")
+    configure(c, CONFIG)
+    load = c.popen(
+        "i=0; while :; do i=$((i+1)); if "
+        f"{AS_POSTGRES} psql -Xqc \"INSERT INTO acks VALUES ($i, repeat('x', 200))\""
+        f' 2>/dev/null; then echo "$(date +%s%N) $i" >> {ACKS}; fi; done'
+    )
+    try:
+        assert eventually(lambda: len(c.run(f"cat {ACKS}", check=False).stdout.split()) > 40)
+        freeze_sent = time.time_ns()
+        code, out = hook(c, "freeze")
+        assert code == 0, out
+        c.run(f"cp -a /var/lib/qgft-pg {COPY} && cp -a {COPY} {COPY}-nowal")
+        code, out = hook(c, "thaw")
+        assert code == 0, out
+        time.sleep(0.5)
+    finally:
+        load.kill()
+    acked = [line.split() for line in c.run(f"cat {ACKS}").stdout.splitlines()]
+    before_freeze = {int(i) for t, i in acked if int(t) < freeze_sent}
+    assert len(before_freeze) > 20
+
+    details = pg_entry(report(c))["details"]
+    label, start = details["backup_label"], details["backup_start"]["lsn"]
+    for copy in (COPY, f"{COPY}-nowal"):
+        c.write_file(f"{copy}/backup_label", label, mode=0o600)
+        c.run(f"rm -f {copy}/postmaster.pid && chown -R postgres:postgres {copy}")
+
+    # The label alone: the WAL up to the backup's end was written after the copy.
+    assert start_copy(c, f"{COPY}-nowal", f"{RESTORE_SOCKET}/nowal.log") != 0
+    refused = c.run(["cat", f"{RESTORE_SOCKET}/nowal.log"]).stdout
+    assert "WAL ends before end of online backup" in refused, refused
+
+    c.run(
+        f"touch {COPY}/recovery.signal && chown postgres: {COPY}/recovery.signal && printf '%s\\n'"
+        f" \"restore_command = 'cp {ARCHIVE}/%f %p'\" \"recovery_target = 'immediate'\""
+        f" \"recovery_target_action = 'promote'\" >> {COPY}/postgresql.conf"
+    )
+    log = f"{RESTORE_SOCKET}/restore.log"
+    try:
+        assert start_copy(c, COPY, log) == 0, c.run(["cat", log]).stdout
+        restored = f"{AS_POSTGRES} psql -h {RESTORE_SOCKET} -p 5499 -XAt"
+        assert eventually(
+            lambda: c.run(f"{restored} -c 'SELECT pg_is_in_recovery()'", check=False).stdout
+            == "f\n"
+        )
+        text = c.run(["cat", log]).stdout
+        assert f"starting backup recovery with redo LSN {start}," in text, text
+        assert "consistent recovery state reached" in text, text
+        rows = {int(x) for x in c.run(f"{restored} -c 'SELECT id FROM acks'").stdout.split()}
+        assert before_freeze <= rows, sorted(before_freeze - rows)[:10]
+        check = c.run(
+            f"{AS_POSTGRES} {PG_BIN}/pg_amcheck -h {RESTORE_SOCKET} -p 5499 --all"
+            " --install-missing",
+            check=False,
+            timeout=300,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        c.run(f"{AS_POSTGRES} {PG_BIN}/pg_ctl -D {COPY} -m fast -w stop", check=False)
+        c.run(f"rm -rf {COPY} {COPY}-nowal", check=False)
+        psql(c, "ALTER SYSTEM RESET archive_mode", check=False)
+        psql(c, "ALTER SYSTEM RESET archive_command", check=False)
