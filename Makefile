@@ -128,10 +128,12 @@ e2e:
 	QGAFREEZE_SUITES="$(SUITES)" PYTHONPATH=src $(PYTHON) -m pytest -q tests/e2e
 
 # qgafreeze against the distribution's stock hook chain; rewrites docs/performance.{md,png}.
+# Then Redis clients' waits during a backup, preset against SAVE (its section, performance-redis.png).
 bench: deps
 	@dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q "ok installed" || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-matplotlib
 	PYTHONPATH=src $(PYTHON) bench/compare.py
+	PYTHONPATH=src $(PYTHON) bench/redis_stall.py
 
 # Many cycles with MariaDB and a unit-based app under write load and random faults, in the
 # container tier, checked after every cycle; prints the figures docs/reliability.md quotes.
