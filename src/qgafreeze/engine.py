@@ -281,7 +281,9 @@ class Engine:
         self._save()
         self._last = report
         self._events.cycle_finished(report)
-        if report.reason != RETRY and self._state == THAWED and self._paused:
+        if self._state != THAWED or not self._paused:
+            self._retrier.stop()  # nothing left over: no retry to run, or to show in status
+        elif report.reason != RETRY:
             self._retrier.kick()  # leftovers: retried until they are back (a retry goes on)
 
     def _retry_leftovers(self) -> bool:

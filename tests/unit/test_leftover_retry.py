@@ -322,3 +322,15 @@ def test_status_says_which_paused_apps_an_earlier_cycle_left_and_when_they_are_r
     text = render_status({"ok": True, **engine.status()})
     assert "paused apps: app\n" in text and "earlier cycle" not in text, text  # frozen, as usual
     assert engine.thaw().ok
+
+
+def test_once_the_freeze_has_resumed_what_was_left_status_shows_no_retry():
+    systemd = HangingStop()
+    engine, _ = engine_for(systemd, delays=(3600,))
+    failed_freeze_with_rollback_timed_out(engine)
+    assert engine.status()["retry_in_s"] is not None
+    systemd.stop_ends()
+    systemd.hang_stop = set()
+    assert engine.freeze().ok
+    assert engine.status()["retry_in_s"] is None
+    assert engine.thaw().ok
