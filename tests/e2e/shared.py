@@ -70,6 +70,9 @@ class SharedGuests:
         self._remaining: dict[str, set[str]] = {}
         # QGA_FILES in each suite's guest before the package was installed.
         self.before_install: dict[str, str] = {}
+        # Why a suite's guest could not be booted and installed: the modules after the first
+        # fail at once instead of each waiting out another boot.
+        self._broken: dict[str, str] = {}
 
     def plan(self, items: Iterable[pytest.Item], suite_of: Callable[[pytest.Item], str]) -> None:
         self._remaining = {}
@@ -87,15 +90,28 @@ class SharedGuests:
             vm.kill()
             vm = None
         if vm is None:
-            factory = self._factories.get(suite)
-            if factory is None:
-                factory = self._factories[suite] = VMFactory(image, workdir(), share)
-            vm = factory(name=f"shared-{suite}")
-            self._vms[suite] = vm
-            self.before_install[suite] = sh(vm, QGA_FILES).stdout
-            install(vm, package)
-            assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
+            if suite in self._broken:
+                pytest.fail(f"the shared {suite} guest failed earlier: {self._broken[suite]}")
+            try:
+                vm = self._start(image, package, workdir, share)
+            except Exception as exc:
+                self._broken[suite] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+                raise
         reset(vm)
+        return vm
+
+    def _start(
+        self, image: GuestImage, package: Path, workdir: Callable[[], Path], share: Path
+    ) -> VM:
+        suite = image.suite
+        factory = self._factories.get(suite)
+        if factory is None:
+            factory = self._factories[suite] = VMFactory(image, workdir(), share)
+        vm = factory(name=f"shared-{suite}")
+        self._vms[suite] = vm
+        self.before_install[suite] = sh(vm, QGA_FILES).stdout
+        install(vm, package)
+        assert f"fsfreeze-hook={HOOK}" in sh(vm, "cat /etc/qemu/qemu-ga.conf").stdout
         return vm
 
     def done(self, item: pytest.Item, suite: str) -> None:
