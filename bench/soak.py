@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from container import Container  # noqa: E402
+from soak_inside import HOLD  # noqa: E402
 
 PREFIX = "/opt/qgafreeze"  # /usr is the host's, read-only, inside the container
 HOOK = f"{PREFIX}/libexec/qgafreeze/fsfreeze-hook"
@@ -133,10 +135,16 @@ def resource_trend(cycles: list[dict[str, Any]], warmup: int = 10) -> dict[str, 
     }
     for key in ("fds", "threads", "rss_kib"):
         series = [r[key] for r in samples]
+        quarter = max(1, len(series) // 4)
         trend[key] = {
             "first": max(series[:tenth]),
             "last": max(series[-tenth:]),
             "per_1000_cycles": round(_slope(series) * 1000, 1),
+            # Whether a rise levels off (an allocator warming up) or goes on (a leak).
+            "quarters": [
+                int(statistics.median(series[i : i + quarter]))
+                for i in range(0, quarter * 4, quarter)
+            ],
         }
     return trend
 
@@ -162,7 +170,7 @@ def figures(result: dict[str, Any]) -> str:
         f"seed {result['seed']}: {len(cycles)} cycles completed, "
         f"{sum(faults.values())} with a fault",
         "faults: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())),
-        f"cycle time (freeze + {0.15:.2f} s hold + thaw): p50 {_percentile(times, 0.5):.3f} s,"
+        f"cycle time (freeze + {HOLD:.2f} s hold + thaw): p50 {_percentile(times, 0.5):.3f} s,"
         f" p95 {_percentile(times, 0.95):.3f} s, max {max(times):.3f} s",
         f"writes acknowledged {result['acked_writes']}, lost {len(result['lost_writes'])}",
         "verdicts: " + ", ".join(
@@ -177,7 +185,10 @@ def figures(result: dict[str, Any]) -> str:
         )
         for key in ("fds", "threads", "rss_kib"):
             t = trend[key]
-            lines.append(f"  {key}: {t['first']} -> {t['last']}, {t['per_1000_cycles']:+}")
+            lines.append(
+                f"  {key}: {t['first']} -> {t['last']}, {t['per_1000_cycles']:+};"
+                f" median by quarter {', '.join(map(str, t['quarters']))}"
+            )
     if result["failure"]:
         f = result["failure"]
         lines.append(f"FAILED at cycle {f['cycle']} (fault {f['fault']}): {f['message']}")
@@ -189,6 +200,8 @@ def main() -> int:
     seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"soak: {cycles} cycles, seed {seed} (SOAK_SEED={seed} repeats them)", flush=True)
     started = time.monotonic()
+    # Killed, still power the container off (the finally below) instead of leaving it running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     c = Container.boot(REPO)
     try:
         c.run(f"make -C /src install PREFIX={PREFIX} UNITDIR=/etc/systemd/system", timeout=300)
@@ -196,7 +209,11 @@ def main() -> int:
         result = run(c, cycles, seed, faults=os.environ.get("SOAK_FAULTS", ""))
     finally:
         c.shutdown()
+    # Every cycle's record, for a closer look than the figures give.
+    saved = Path(os.environ.get("SOAK_RESULT") or f"/tmp/qgafreeze-soak-{seed}.json")
+    saved.write_text(json.dumps(result))
     print(figures(result))
+    print(f"soak: every cycle's record is in {saved}")
     grew = flat(resource_trend(result["cycles"])) if result["cycles"] else []
     if grew:
         print("NOT FLAT: " + "; ".join(grew))

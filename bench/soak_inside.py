@@ -14,6 +14,7 @@ and a cycle makes about ten checks.  The first failed check ends the run; RESULT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from traceback import format_exc
 from typing import Any
 
 SOCKET = "/run/qgafreeze/qgafreeze.sock"
@@ -119,8 +121,9 @@ class Acked:
         self.ids.extend(int(line) for line in lines)
         return len(self.ids)
 
-    def check_upto(self, upto: int) -> None:
-        """Every id acknowledged among the first `upto` is in the table."""
+    def check_upto(self, upto: int) -> bool:
+        """Every id acknowledged among the first `upto` is in the table; False when there was
+        nothing new to look for."""
         wanted = self.ids[self.checked : upto]
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
@@ -129,6 +132,7 @@ class Acked:
                 present = set(map(int, sql(f"SELECT id {where}").split()))
                 raise SoakFailure(f"acknowledged writes lost: ids {sorted(set(chunk) - present)}")
         self.checked = max(self.checked, upto)
+        return bool(wanted)
 
 
 def session_pids() -> list[int]:
@@ -136,7 +140,10 @@ def session_pids() -> list[int]:
     group = sh(["systemctl", "show", "-p", "ControlGroup", "--value", SERVICE]).stdout.strip()
     pids: list[int] = []
     for procs in Path(f"/sys/fs/cgroup{group}").rglob("cgroup.procs"):
-        pids.extend(int(p) for p in procs.read_text().split())
+        try:
+            pids.extend(int(p) for p in procs.read_text().split())
+        except FileNotFoundError:
+            pass  # a command's cgroup, removed as it ended
     return [p for p in pids if p != main_pid()]
 
 
@@ -242,7 +249,8 @@ class Soak:
             if not pids:
                 raise SoakFailure("no held session in the daemon's cgroup while frozen")
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # ended with the one before
+                    os.kill(pid, signal.SIGKILL)
         elif fault == "start-app-by-hand":
             sh(["systemctl", "start", WEB_UNIT])
         elif fault == "stop-app-by-hand":
@@ -278,11 +286,11 @@ class Soak:
         states = active(DB_UNIT, WEB_UNIT)
         if states != ["active", "active"]:
             raise SoakFailure(f"apps not running after the thaw: {states}\n{thaw_out}")
-        sql("SELECT 1")
+        if not self.acked.check_upto(self.acked.count()):
+            sql("SELECT 1")  # no new write to look for: MariaDB must still answer
         status = ask("status")
         if status.get("state") != "thawed" or status.get("paused_apps"):
             raise SoakFailure(f"daemon not idle after the thaw: {status}\n{thaw_out}")
-        self.acked.check_upto(self.acked.count())
         report = json.loads(Path(REPORT).read_text())
         record["verdict"] = report["verdict"]
         if (report["cycle"], report["phase"]) != (record["cycle"], "thaw"):
@@ -351,6 +359,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["cycles"].append(soak.cycle(fault))
             except SoakFailure as exc:
                 result["failure"] = {"cycle": n, "fault": fault, "message": str(exc)}
+                break
+            except Exception:  # a check that could not even be made is a failure too
+                result["failure"] = {"cycle": n, "fault": fault, "message": format_exc()}
                 break
             if n % args.progress == 0:
                 elapsed = time.monotonic() - began
