@@ -122,10 +122,12 @@ def test_a_host_that_freezes_and_vanishes_leaves_a_writable_guest_and_a_late_tha
         released[:3],
         deadline_ns,
     )
+    after = {"thawed": thawed_ns, "written": released[0][1], "host": late_ns}
     print(
-        f"after the freeze: disks thawed by the watchdog at {(thawed_ns - frozen_ns) / 1e9:.1f} s,"
-        f" first write to / through at {(released[0][1] - frozen_ns) / 1e9:.1f} s"
-        f" (max_frozen {MAX_FROZEN:g} s); the host's thaw came at {(late_ns - frozen_ns) / 1e9:.1f} s"
+        "seconds after the freeze (max_frozen {:g}): disks thawed by the watchdog {thawed:.1f},"
+        " first write to / through {written:.1f}, the host's late thaw {host:.1f}".format(
+            MAX_FROZEN, **{k: (v - frozen_ns) / 1e9 for k, v in after.items()}
+        )
     )
     # The app was stopped for the freeze and runs again from the watchdog on.
     beats = [b[0] for b in lines(vm, BEATS)]
