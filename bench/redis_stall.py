@@ -226,7 +226,7 @@ def plot(results: dict[str, list[Run]], keys: int) -> None:
             label=f"{name}: freeze {first.freeze / 1000:.1f} s",
         )
     axis.set_yscale("log")
-    axis.set_xlabel("seconds since the freeze request")
+    axis.set_xlabel("seconds since the freeze request, when the write was acknowledged")
     axis.set_ylabel("write latency (ms)")
     axis.set_title(f"Redis, {keys:,} keys: each write's latency during a backup (first run)")
     axis.legend(fontsize=8)
