@@ -48,7 +48,7 @@ TOOL_PINS = ruff==0.6.9 mypy==1.11.2 types-PyYAML==6.0.12.20240917
 RUFF = $(TOOLS)/bin/ruff
 MYPY = $(TOOLS)/bin/mypy
 
-.PHONY: help deps lint unit integration e2e demo bench soak test install uninstall check unitdir docs \
+.PHONY: help deps lint unit integration e2e demo bench bench-db soak test install uninstall check unitdir docs \
 	selinux rpm deb install-host uninstall-host
 
 help:
@@ -60,6 +60,7 @@ help:
 	@echo "make e2e          end-to-end tests in a real VM with qemu-ga (needs root)"
 	@echo "make demo         one backup of a MariaDB guest through real qemu-ga, as a timeline"
 	@echo "make bench        qgafreeze against the stock hook chain (docs/performance.md)"
+	@echo "make bench-db     database write stalls during a backup, the part of bench (needs root)"
 	@echo "make soak         1000 freeze/thaw cycles under write load with faults (needs root;"
 	@echo "                  SOAK_CYCLES=N, SOAK_SEED=S repeats a run; docs/reliability.md)"
 	@echo "make check        validate config/qgafreeze.yaml and print its plan"
@@ -128,12 +129,18 @@ e2e:
 	QGAFREEZE_SUITES="$(SUITES)" PYTHONPATH=src $(PYTHON) -m pytest -q tests/e2e
 
 # qgafreeze against the distribution's stock hook chain; rewrites docs/performance.{md,png}.
-# Then Redis clients' waits during a backup, preset against SAVE (its section, performance-redis.png).
+# Then Redis clients' waits during a backup, preset against SAVE (its section, performance-redis.png),
+# and the longest write stall of each database preset and mode against the stock FTWRL hook
+# (bench-db: its section, performance-db.png; it quotes the Redis section's figures).
 bench: deps
 	@dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q "ok installed" || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-matplotlib
 	PYTHONPATH=src $(PYTHON) bench/compare.py
 	PYTHONPATH=src $(PYTHON) bench/redis_stall.py
+	$(MAKE) bench-db
+
+bench-db:
+	PYTHONPATH=src $(PYTHON) bench/dbstall.py
 
 # Many cycles with MariaDB and a unit-based app under write load and random faults, in the
 # container tier, checked after every cycle; prints the figures docs/reliability.md quotes.
