@@ -52,7 +52,7 @@ def compare_modes(vm: VM) -> None:
     for number, (label, yaml) in enumerate(
         (
             ("stop (units)", MARIADB_APP),
-            ("held FTWRL session (preset)", SESSION_APP),
+            ("held backup lock session (preset)", SESSION_APP),
             ("cgroup freeze (mode: freeze)", CGROUP_APP),
         ),
         1,

@@ -151,7 +151,8 @@ def test_restored_snapshot_holds_every_acknowledged_insert_without_crash_recover
 def test_held_mariadb_session_snapshot_holds_every_acknowledged_insert_and_passes_check(
     mariadb_guest, vm_factory, tmp_path
 ):
-    # The preset: FLUSH TABLES WITH READ LOCK held in one session across the freeze.
+    # The preset: our helper holds BACKUP STAGE BLOCK_COMMIT (MariaDB 10.4+) in one session
+    # across the freeze.
     vm = mariadb_guest
     configure(vm, SESSION_APP)
     start_load(vm, first_id=3_000_000)
