@@ -427,7 +427,8 @@ def write_section(
             "of the statement plus the window. PostgreSQL's"
             " backup takes no lock: writes go on. The",
             "Redis rows come from the Redis section above"
-            " (same `make bench`; its own frozen window).",
+            " (bench/redis_stall.py's last run, which `make bench` runs just before this; its own"
+            " hold, and ms there).",
         ),
         "",
         "![Longest write stall per scenario](performance-db.png)",
