@@ -3,6 +3,7 @@ server, what it waits for before locking, what it kills, and what it says when i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -31,15 +32,19 @@ class FakeClient:
         self.sent: list[str] = []
         # Each read of the processlist pops the next answer; the last one repeats.
         self.processlists: list[list[list[str]]] = [[]]
-        self.refuse: dict[str, ClientError] = {}
+        self.refuse: dict[str, Exception] = {}
+        self.ident = "7"  # the connection's id: another one means the server restarted
 
-    def query(self, sql: str) -> list[list[str]]:
+    def query(self, sql: str, within: float | None = None) -> list[list[str]]:
         self.sent.append(sql)
         for prefix, error in self.refuse.items():
             if sql.startswith(prefix):
                 raise error
         if sql.startswith("SELECT 'version'"):
             return [["version", self.version]]
+        if sql.startswith("SELECT 'connection'"):
+            assert within is not None  # a check that could hang would hold the thaw up
+            return [["connection", self.ident]]
         if "PROCESSLIST" in sql:
             threshold = int(re.search(r"TIME >= (\d+)", sql).group(1))  # type: ignore[union-attr]
             rows = self.processlists[0] if len(self.processlists) == 1 else self.processlists.pop(0)
@@ -281,14 +286,26 @@ FAKE_CLIENT = r"""#!/usr/bin/python3
 import re, sys
 log = open(sys.argv[1], "a")
 log.write(" ".join(sys.argv[2:]) + "\n"); log.flush()
+hung = False
 for line in sys.stdin:
     sql = line.strip().rstrip(";")
     log.write(sql + "\n"); log.flush()
     mark = re.match(r"SELECT '(qgafreeze-mark-\d+)'", sql)
+    if hung:
+        continue
     if mark:
         print(mark.group(1), flush=True)
     elif sql.startswith("SELECT 'version'"):
         print("version\t10.11.6-MariaDB-0+deb12u1", flush=True)
+    elif sql.startswith("SELECT 'connection'"):
+        try:  # the test changes it to play a server restarted under the held lock
+            ident = open(sys.argv[1] + ".ident").read().strip()
+        except OSError:
+            ident = "7"
+        hung = ident == "hang"  # a dead connection: the client never answers again
+        if hung:
+            continue
+        print("connection\t" + ident, flush=True)
 """
 
 
@@ -337,7 +354,8 @@ def test_the_helper_holds_the_lock_until_its_input_ends_then_releases_it(fake_cl
     assert helper.wait(10) == 0
     sent = log.read_text().splitlines()
     assert sent[0].startswith("--defaults-file=/etc/x.cnf --batch")
-    assert sent[-2:] == ["BACKUP STAGE END", "SELECT 'qgafreeze-mark-8'"]
+    assert sent[-2:] == ["BACKUP STAGE END", "SELECT 'qgafreeze-mark-1" + sent[-1][-2:]]
+    assert "SELECT 'connection', CONNECTION_ID()" in sent  # checked while held and at the thaw
 
 
 def test_the_helper_exits_non_zero_at_once_when_its_client_dies_while_holding(fake_client):
@@ -350,8 +368,69 @@ def test_the_helper_exits_non_zero_at_once_when_its_client_dies_while_holding(fa
     os.kill(client_pid, signal.SIGKILL)
 
     assert helper.wait(10) == mariadb.EXIT_FAILED
-    assert "the client died while the lock was held" in helper.stderr.read()  # type: ignore[union-attr]
+    assert "the lock was lost while held" in helper.stderr.read()  # type: ignore[union-attr]
+    assert "qgafreeze-report lock_lost " in helper.stdout.read()  # type: ignore[union-attr]
     helper.stdin.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("ident", ["8", "hang"])
+def test_the_helper_reports_the_lock_lost_and_exits_at_once_when_the_server_restarts(
+    fake_client, ident
+):
+    # A restarted server gives a reconnecting client another connection id; a client that does
+    # not reconnect sits on its dead connection and never answers: both lose the lock.
+    program, log = fake_client
+    helper = start(program)
+    read_until_ready(helper)
+    Path(f"{log}.ident").write_text(ident)
+    started = time.monotonic()
+
+    assert helper.wait(10) == mariadb.EXIT_FAILED
+    took = time.monotonic() - started
+    assert took < mariadb.CHECK_EVERY + mariadb.CHECK_WITHIN + 2, took
+    (line,) = (x for x in helper.stdout.read().splitlines() if "lock_lost" in x)  # type: ignore[union-attr]
+    reason = json.loads(line.split(" ", 2)[2])["reason"]
+    assert ("replaced (id 7 -> 8)" if ident == "8" else "did not answer in time") in reason
+    assert "BACKUP STAGE END" not in log.read_text()
+    helper.stdin.close()  # type: ignore[union-attr]
+
+
+def test_a_lock_lost_just_before_the_thaw_is_reported_at_the_thaw_not_released_blindly(
+    fake_client,
+):
+    program, log = fake_client
+    helper = start(program)
+    read_until_ready(helper)
+    Path(f"{log}.ident").write_text("9")
+    helper.stdin.close()  # type: ignore[union-attr]  # the thaw, likely before the next check
+
+    assert helper.wait(10) == mariadb.EXIT_FAILED
+    assert "qgafreeze-report lock_lost " in helper.stdout.read()  # type: ignore[union-attr]
+    assert "BACKUP STAGE END" not in log.read_text()
+
+
+def test_a_held_lock_is_lost_when_its_connection_errs_does_not_answer_or_changes():
+    client = FakeClient()
+    assert mariadb.lost(client, "7") is None
+    client.ident = "8"
+    assert "replaced (id 7 -> 8): the server restarted" in (mariadb.lost(client, "7") or "")
+    client.refuse["SELECT 'connection'"] = ClientError(2006, "ERROR 2006: server has gone away")
+    assert "gone away" in (mariadb.lost(client, "7") or "")
+    client.refuse["SELECT 'connection'"] = Failed("the server did not answer in time")
+    assert "did not answer in time" in (mariadb.lost(client, "7") or "")
+
+
+def test_holding_checks_the_connection_until_the_thaw_and_says_why_it_was_lost():
+    client = FakeClient()
+    read_end, write_end = os.pipe()  # our stdin; the client's fd never stirs
+    quiet, _ = os.pipe()
+    try:
+        os.close(write_end)  # the thaw
+        assert mariadb.hold(client, (quiet, read_end), "7", every=0.01) == ""
+        client.ident = "8"
+        assert "replaced" in mariadb.hold(client, (quiet, read_end), "7", every=0.01)
+    finally:
+        os.close(read_end)
 
 
 def test_a_client_that_cannot_start_fails_the_helper_with_its_reason(tmp_path):

@@ -20,7 +20,11 @@ the database's command-line client as its child, in batch mode, and at start:
    ``qgafreeze-ready``, and holds the lock until its standard input ends (the thaw), when it
    releases it (``BACKUP STAGE END`` / ``UNLOCK TABLES``) and exits 0.
 
-If the client dies while the lock is held it exits 1 at once: the daemon reports the lock lost.
+The lock lives in the client's connection, and an idle client does not notice that connection
+die (a server restarted by hand): so while holding, and again at the thaw, the helper asks for
+the connection's id every ``CHECK_EVERY`` seconds.  No answer within ``CHECK_WITHIN``, an error,
+a dead client or another id (a reconnect) means the lock is gone: it prints ``qgafreeze-report
+lock_lost`` and exits 1 at once, so that the daemon reports the lock lost when it happened.
 Every import happens before the ready line, and nothing is written to disk by this program.
 """
 
@@ -32,20 +36,23 @@ import math
 import os
 import re
 import select
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+from ._batch import BatchClient, ClientError, Failed
+
+__all__ = ["BatchClient", "ClientError", "Failed", "main"]
 READY = "qgafreeze-ready"
 EXIT_FAILED = 1
 # The preset's option defaults (schema.PRESET_OPTIONS says the same; a unit test holds them equal).
 DEFAULTS = {"long_query_threshold": 1.0, "long_query_wait": 5.0, "lock_wait_timeout": 3.0}
 POLL = 0.25  # how often the processlist is read again while waiting for long statements
+CHECK_EVERY = 0.5  # how often a held lock's connection is checked (a statement, no disk)
+CHECK_WITHIN = 3.0  # how long the server may take to answer that check, or to release the lock
 # What a client's lines and a server's version look like.
-_ERROR = re.compile(r"^ERROR (\d+)")
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
 _VERB = re.compile(r"[A-Za-z]+")
 # Statements that never hold BACKUP STAGE up: reads and row changes (their commit waits at
@@ -54,16 +61,6 @@ _VERB = re.compile(r"[A-Za-z]+")
 _DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "TABLE"})
 # Threads that are not a client's statement: idle connections, the server's own, replication.
 _NOT_STATEMENTS = ("Sleep", "Daemon", "Binlog Dump", "Binlog Dump GTID", "Killed")
-
-
-class Failed(Exception):
-    """The app fails: the message says why, and nothing is left locked."""
-
-
-class ClientError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -130,86 +127,7 @@ def choose_lock(product: str, version: tuple[int, int, int], wanted: str) -> Loc
 
 
 class Client(Protocol):
-    def query(self, sql: str) -> list[list[str]]: ...
-
-
-class BatchClient:
-    """The database's command-line client as a child: statements in on stdin, rows out.
-
-    Each batch ends with a marker SELECT whose row says the batch is done; rows are tab-separated
-    (--raw: the values this module selects hold no tabs or newlines), errors are ERROR lines
-    (--force: the client goes on after one, so the session survives a refused KILL).
-    """
-
-    def __init__(self, program: str, extra: Sequence[str] = ()) -> None:
-        # The caller's own arguments first: an option file (--defaults-file) must come first.
-        argv = [program, *extra, "--batch", "--raw", "--skip-column-names", "--unbuffered"]
-        argv.append("--force")
-        try:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        except OSError as exc:
-            raise Failed(f"cannot run {program}: {exc.strerror}") from exc
-        assert self.process.stdout is not None and self.process.stdin is not None
-        self.fd = self.process.stdout.fileno()
-        self._stdin = self.process.stdin
-        self._buffer = b""
-        self._batches = 0
-        self._last: list[str] = []  # the client's last lines, for when it exits
-
-    def query(self, sql: str) -> list[list[str]]:
-        self._batches += 1
-        mark = f"qgafreeze-mark-{self._batches}"
-        try:
-            self._stdin.write(f"{sql};\nSELECT '{mark}';\n".encode())
-            self._stdin.flush()
-        except OSError as exc:
-            raise Failed(f"the client is gone: {self.ending()}") from exc
-        rows: list[list[str]] = []
-        error: Optional[ClientError] = None
-        while True:
-            line = self._line()
-            if line is None:
-                raise Failed(f"the client is gone: {self.ending()}")
-            if line == mark:
-                break
-            found = _ERROR.match(line)
-            if found and error is None:
-                error = ClientError(int(found.group(1)), line)
-            elif not found and "\t" in line:
-                rows.append(line.split("\t"))
-        if error is not None:
-            raise error
-        return rows
-
-    def _line(self) -> Optional[str]:
-        while b"\n" not in self._buffer:
-            data = os.read(self.fd, 65536)
-            if not data:
-                return None
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        text = line.decode(errors="replace").rstrip("\r")
-        self._last = [*self._last[-2:], text] if text.strip() else self._last
-        return text
-
-    def ending(self) -> str:
-        """The client's last words (what it printed before exiting) and its status."""
-        rest = (self._last + self._buffer.decode(errors="replace").strip().splitlines())[-3:]
-        status = self.process.wait(5)
-        return f"{' | '.join(rest) or 'no output'} (status {status})"
-
-    def close(self) -> int:
-        try:
-            self._stdin.close()
-        except OSError:
-            pass
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+    def query(self, sql: str, within: Optional[float] = None) -> list[list[str]]: ...
 
 
 def running(client: Client, threshold: float) -> list[Statement]:
@@ -325,14 +243,34 @@ def take_lock(
     return lock
 
 
-def hold(client_fd: int, stdin_fd: int) -> bool:
-    """Wait for the thaw (our stdin ends); False if the client died first."""
+def connection(client: Client) -> str:
+    """The id of the connection the lock lives in; another id later means it was lost."""
+    rows = client.query("SELECT 'connection', CONNECTION_ID()", CHECK_WITHIN)
+    return rows[0][1] if rows and len(rows[0]) > 1 else ""
+
+
+def lost(client: Client, ident: str) -> Optional[str]:
+    """Why the lock held in connection ``ident`` is gone, or None while it is still held."""
+    try:
+        now = connection(client)
+    except (ClientError, Failed) as exc:
+        return f"its connection did not answer: {exc}"
+    if now != ident:
+        return f"its connection was replaced (id {ident} -> {now or '?'}): the server restarted"
+    return None
+
+
+def hold(client: Client, fds: tuple[int, int], ident: str, every: float = CHECK_EVERY) -> str:
+    """Wait for the thaw (the end of ``fds[1]``, our stdin), checking the lock's connection every
+    ``every`` seconds and at once when the client (``fds[0]``) stirs; why the lock was lost, or
+    "" if it is still held at the thaw."""
+    client_fd, stdin_fd = fds
     while True:
-        ready, _, _ = select.select([client_fd, stdin_fd], [], [])
-        if client_fd in ready and not os.read(client_fd, 65536):
-            return False
-        if stdin_fd in ready and not os.read(stdin_fd, 65536):
-            return True
+        ready, _, _ = select.select([client_fd, stdin_fd], [], [], every)
+        thaw = stdin_fd in ready and not os.read(stdin_fd, 65536)
+        why = lost(client, ident)
+        if thaw or why:
+            return why or ""
 
 
 def parse_args(args: Sequence[str]) -> Options:
@@ -366,16 +304,22 @@ def main(args: Sequence[str]) -> int:
         return fail(exc)
     try:
         lock = take_lock(client, options, out)
+        ident = connection(client)
     except (Failed, ClientError) as exc:
         client.close()  # the server drops whatever the session held with it
         return fail(exc)
     out(READY)
-    if not hold(client.fd, sys.stdin.fileno()):
-        return fail(f"the client died while the lock was held: {client.ending()}")
+    held = time.monotonic()
+    why = hold(client, (client.fd, sys.stdin.fileno()), ident)
+    if why:
+        after = round(time.monotonic() - held, 1)
+        report(out, "lock_lost", {"reason": why, "after_seconds": after})
+        client.kill()  # not close(): a client stuck on a dead connection would hold the thaw up
+        return fail(f"the lock was lost while held: {why}")
     try:
-        client.query(lock.release)
+        client.query(lock.release, CHECK_WITHIN)
     except (ClientError, Failed) as exc:
-        client.close()
+        client.kill()
         return fail(f"{lock.release} failed: {exc}")
     status = client.close()
     return 0 if status == 0 else fail(f"the client exited with status {status}")
