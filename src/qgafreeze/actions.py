@@ -244,6 +244,7 @@ class SessionAction:
             self._held = None
             undo.clear()
             raise
+        self._reported = 0  # a new session: the last cycle's count is not this one's
         self._reported = self._report(held, ctx)
         ctx.output.append(f"session {held.pid} ready: {' '.join(self._session.argv)}")
         ctx.step(StepReport("session", " ".join(self._session.argv), "freeze", started, 0, ()))

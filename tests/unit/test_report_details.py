@@ -35,6 +35,17 @@ def test_a_sessions_report_lines_at_freeze_and_at_thaw_become_its_details_tied_t
     assert apps_of(thawed)["db"]["details"] == {"lock": "backup stage", "backup_label": label}
 
 
+def test_each_cycles_session_reports_its_own_details_from_its_first_line(tmp_path):
+    # The same config serves many cycles, each with a new session: what the last one printed
+    # must not hide the first lines of the next.
+    script = 'echo "qgafreeze-report lock \\"backup stage\\""; echo ready; read x'
+    engine, _, report_file = make_engine(tmp_path, {"db": session_app(script)}, FakeSystemd({}))
+    for _ in range(2):
+        assert engine.freeze().ok
+        assert apps_of(written(report_file))["db"]["details"] == {"lock": "backup stage"}
+        engine.thaw()
+
+
 def test_an_exec_steps_report_lines_become_its_details_and_nothing_else_of_its_output(tmp_path):
     report = 'qgafreeze-report saved {\\"cycle\\": \\"$QGAFREEZE_CYCLE\\"}'
     script = f'echo "{SECRET}"; echo "{report}"'
