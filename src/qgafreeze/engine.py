@@ -254,6 +254,10 @@ class Engine:
         self._watchdog.disarm()
         report = CycleReport(op="thaw", cycle=self._cycle, reason=reason, started_at=time.time())
         ends_cycle = self._state == FROZEN  # else nothing is frozen: no cycle to report on
+        if reason == "watchdog" and ends_cycle:
+            # The disks first: a stopped app's start (a database opening its files) would
+            # otherwise hang on the frozen disk until its timeout.
+            self._watchdog.thaw_disks(report)
         if not self._paused:
             report.note = "nothing to thaw: no app is paused"
             if self._state == FROZEN:  # every app was skipped or continued past a failure
@@ -267,8 +271,6 @@ class Engine:
             if failed:
                 report.ok = False
                 report.error = _failure(failed[0], "thaw")
-        if reason == "watchdog" and ends_cycle:
-            self._watchdog.thaw_disks(report)
         report.state = self._state
         report.duration_ms = elapsed_ms(self._clock() - started)
         report.finished_at = time.time()

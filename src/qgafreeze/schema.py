@@ -132,7 +132,7 @@ SETTINGS = Section(
         Key(
             "watchdog_thaws_filesystems",
             "boolean",
-            "When the watchdog fires, also thaw every frozen filesystem (FITHAW), after resuming"
+            "When the watchdog fires, also thaw every frozen filesystem (FITHAW), before resuming"
             " the apps: the host that froze them is gone, and qemu-ga has no timer of its own.",
             "true",
         ),

@@ -1,5 +1,5 @@
-"""The watchdog (``max_frozen``): when no thaw arrives in time, the engine thaws by itself, and
-then the disks are thawed too (``settings.watchdog_thaws_filesystems``): the host that froze them
+"""The watchdog (``max_frozen``): when no thaw arrives in time, the engine thaws by itself, the
+disks first (``settings.watchdog_thaws_filesystems``): the host that froze them
 is gone, and qemu-ga never thaws by itself.
 
 Imported with the engine at start-up, like ``fsthaw``: nothing here imports while frozen.
@@ -52,7 +52,8 @@ class Watchdog:
     def _fired(self, cycle: str) -> None:
         settings = self._settings()
         self._problem(
-            f"no thaw within max_frozen ({settings.max_frozen:g}s): resuming every paused app",
+            f"no thaw within max_frozen ({settings.max_frozen:g}s): resuming every paused app"
+            + (" once the disks are thawed" if self._thaws_disks(settings) else ""),
             cycle,
         )
         try:
@@ -61,12 +62,17 @@ class Watchdog:
             self._problem(f"watchdog thaw failed: {exc.message}", cycle)
 
     def thaw_disks(self, report: CycleReport) -> None:
-        """The engine calls this once the watchdog's thaw resumed the apps, still under the cycle
-        lock, so that a thaw from the host cannot run at the same time."""
-        if self._fs_thawer is None or not self._settings().watchdog_thaws_filesystems:
+        """The engine calls this in the watchdog's thaw, before it resumes the apps (whose start
+        may write to disk), under the cycle lock, so that a thaw from the host cannot run at the
+        same time."""
+        if not self._thaws_disks(self._settings()):
             return
         report.filesystems_at = time.time()
         report.filesystems = thaw_and_say(self._fs_thawer, self._problem, report.cycle)
+
+
+    def _thaws_disks(self, settings: Settings) -> bool:
+        return self._fs_thawer is not None and settings.watchdog_thaws_filesystems
 
 
 class _Alarm:
