@@ -65,10 +65,11 @@ class Watchdog:
         """The engine calls this in the watchdog's thaw, before it resumes the apps (whose start
         may write to disk), under the cycle lock, so that a thaw from the host cannot run at the
         same time."""
-        if not self._thaws_disks(self._settings()):
+        thawer = self._fs_thawer
+        if thawer is None or not self._settings().watchdog_thaws_filesystems:
             return
         report.filesystems_at = time.time()
-        report.filesystems = thaw_and_say(self._fs_thawer, self._problem, report.cycle)
+        report.filesystems = thaw_and_say(thawer, self._problem, report.cycle)
 
 
     def _thaws_disks(self, settings: Settings) -> bool:
