@@ -222,3 +222,35 @@ def test_under_ftwrl_kill_long_queries_ends_the_update_and_the_freeze_succeeds(m
     assert code == 0, out
     assert longest_wait(writer) < LOCK_WAIT + FROZEN + SLACK + 1  # the kill's rollback too
     assert sql(c, "SELECT SUM(v) FROM qgft.big").stdout.strip() == "0"  # rolled back
+
+
+def test_mariadb_restarted_by_hand_while_frozen_is_reported_lost_and_the_thaw_is_prompt(mariadb):
+    # The container has no real fsfreeze, and qemu-ga's frozen flag is never there: writes land
+    # after the restart, and the report judges the lost lock against that flag, so the app is not
+    # quiesced ("ended before qemu-ga had frozen the filesystems") and the cycle crash-consistent.
+    c = mariadb
+    preset(c)
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    try:
+        c.run(["systemctl", "restart", UNIT], timeout=120)
+        sql(c, "INSERT INTO qgft.w (at) VALUES (NOW(6))")  # acknowledged inside the window
+        time.sleep(1 + 0.5 + 3)  # the helper checks every 0.5s and waits 3s for an answer
+    finally:
+        started = time.monotonic()
+        hook(c, "thaw")
+        took = time.monotonic() - started
+    print(f"thaw after the lost lock took {took:.2f}s")  # figures
+    assert took < 10, took  # not the app's 30s timeout
+    report = json.loads(c.run(["cat", "/run/qgafreeze/report.json"]).stdout)
+    (app,) = (a for a in report["apps"] if a["app"] == "db")
+    assert "reason" in app["details"]["lock_lost"], app
+    assert app["quiesced"] is False, app
+    assert "its held session ended before qemu-ga had frozen" in app["note"], app
+    assert report["verdict"] == "crash-consistent", report
+    # The next cycle takes the lock on the restarted server again, and its report says so.
+    code, out = hook(c, "freeze")
+    assert code == 0, out
+    code, out = hook(c, "thaw")
+    assert code == 0, out
+    assert reports(c)["lock"] == "BACKUP STAGE BLOCK_COMMIT"
