@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 REPORT_VERSION = 1
 APPLICATION_CONSISTENT = "application-consistent"
 CRASH_CONSISTENT = "crash-consistent"
+# The detail a quiesce helper reports when the lock it held is gone (a restarted server).
+LOCK_LOST = "lock_lost"
 FAILED = "failed"
 
 # What an app's kinds of action guarantee, where no preset says it better (units: by mode).
@@ -235,6 +237,10 @@ def _quiesced(entry: Document, losses: Losses, recovered: bool) -> tuple[bool, s
                 " watched (settings.agent_state_file) to tell whether the disks were frozen yet"
             )
         return False, "its held session ended before qemu-ga had frozen the filesystems"
+    lost = entry.get("details", {}).get(LOCK_LOST)
+    if lost is not None:  # its helper found the lock gone only at the thaw: since when is unknown
+        why = lost.get("reason") if isinstance(lost, dict) else None
+        return False, f"its session found its lock lost at the thaw: {why or lost}"
     if recovered and "session" in entry["actions"]:
         return False, "its held session ended when the daemon restarted while frozen"
     return True, ""

@@ -197,6 +197,23 @@ def test_a_session_lost_after_qemu_ga_froze_the_filesystems_leaves_it_applicatio
     assert "after qemu-ga had frozen the filesystems" in apps_of(doc)["db"]["note"]
 
 
+def test_a_session_that_finds_its_lock_lost_at_the_thaw_makes_it_crash_consistent(tmp_path):
+    # A helper that checks its lock only at the thaw cannot say when it went: not quiesced.
+    lost = 'qgafreeze-report lock_lost {\\"reason\\": \\"the server restarted\\"}'
+    script = f'echo ready; read x; echo "{lost}"; exit 1'
+    engine, _, report_file = make_engine(tmp_path, {"db": session_app(script)}, FakeSystemd({}))
+    assert engine.freeze().ok
+
+    engine.thaw()
+
+    doc = written(report_file)
+    assert doc["verdict"] == "crash-consistent"
+    assert apps_of(doc)["db"]["quiesced"] is False
+    assert apps_of(doc)["db"]["note"] == (
+        "its session found its lock lost at the thaw: the server restarted"
+    )
+
+
 def test_the_report_holds_nothing_a_session_was_sent_and_no_environment_value(tmp_path):
     apps = {
         "db": session_app(
