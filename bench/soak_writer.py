@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
                     client.stdin.flush()
                 except OSError:
                     break
-                # Blocks for as long as a freeze holds FLUSH TABLES WITH READ LOCK.
+                # Blocks for as long as a freeze holds the mariadb preset's lock (BACKUP STAGE
+                # BLOCK_COMMIT: the INSERT's commit waits for the thaw).
                 answer = client.stdout.readline()
                 if answer.strip() != str(row):
                     break  # the client died or failed: this row is not acknowledged
