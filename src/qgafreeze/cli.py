@@ -115,7 +115,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         from .daemon import run  # only the daemon needs pydbus and the systemd bindings
 
-        return run(args.config)
+        status = run(args.config)
+        # Every app is resumed and every log line written by now: leave at once.  Interpreter
+        # finalization, with the D-Bus main loop's thread still inside GLib, was seen to hang a
+        # stopped daemon for minutes (systemd then waited out the whole extended stop timeout
+        # and a restart with it), and there is nothing left for it to do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     if args.command == "check":
         return _check(args.config)
     if args.command == "install":
