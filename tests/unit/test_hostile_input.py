@@ -69,7 +69,7 @@ PATH_OR_LINE = re.compile(
 
 
 @settings(
-    max_examples=600, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(DOCUMENTS)
 def test_generated_documents_load_or_fail_cleanly_with_a_path(document: Any) -> None:
@@ -84,7 +84,7 @@ def test_generated_documents_load_or_fail_cleanly_with_a_path(document: Any) -> 
     # Any other exception type fails the test: that would be a traceback for a user.
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.text(max_size=200))
 def test_arbitrary_text_loads_or_fails_cleanly(text: str) -> None:
     try:

@@ -166,6 +166,7 @@ class Options:
     long_query_wait: float = DEFAULTS["long_query_wait"]
     lock_wait_timeout: float = DEFAULTS["lock_wait_timeout"]
     kill_long_queries: bool = False
+    answer_within: float = CHECK_WITHIN
     client_args: tuple[str, ...] = ()
 
 
@@ -243,16 +244,16 @@ def take_lock(
     return lock
 
 
-def connection(client: Client) -> str:
+def connection(client: Client, within: float = CHECK_WITHIN) -> str:
     """The id of the connection the lock lives in; another id later means it was lost."""
-    rows = client.query("SELECT 'connection', CONNECTION_ID()", CHECK_WITHIN)
+    rows = client.query("SELECT 'connection', CONNECTION_ID()", within)
     return rows[0][1] if rows and len(rows[0]) > 1 else ""
 
 
-def lost(client: Client, ident: str) -> Optional[str]:
+def lost(client: Client, ident: str, within: float = CHECK_WITHIN) -> Optional[str]:
     """Why the lock held in connection ``ident`` is gone, or None while it is still held."""
     try:
-        now = connection(client)
+        now = connection(client, within)
     except (ClientError, Failed) as exc:
         return f"its connection did not answer: {exc}"
     if now != ident:
@@ -260,7 +261,13 @@ def lost(client: Client, ident: str) -> Optional[str]:
     return None
 
 
-def hold(client: Client, fds: tuple[int, int], ident: str, every: float = CHECK_EVERY) -> str:
+def hold(
+    client: Client,
+    fds: tuple[int, int],
+    ident: str,
+    every: float = CHECK_EVERY,
+    within: float = CHECK_WITHIN,
+) -> str:
     """Wait for the thaw (the end of ``fds[1]``, our stdin), checking the lock's connection every
     ``every`` seconds and at once when the client (``fds[0]``) stirs; why the lock was lost, or
     "" if it is still held at the thaw."""
@@ -268,7 +275,7 @@ def hold(client: Client, fds: tuple[int, int], ident: str, every: float = CHECK_
     while True:
         ready, _, _ = select.select([client_fd, stdin_fd], [], [], every)
         thaw = stdin_fd in ready and not os.read(stdin_fd, 65536)
-        why = lost(client, ident)
+        why = lost(client, ident, within)
         if thaw or why:
             return why or ""
 
@@ -285,6 +292,9 @@ def parse_args(args: Sequence[str]) -> Options:
     for name, default in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
     parser.add_argument("--kill-long-queries", action="store_true")
+    # How long the server may take to answer the held connection's check or the release; a
+    # helper argument like --lock (session argv), for a server slower than CHECK_WITHIN.
+    parser.add_argument("--answer-within", type=float, default=CHECK_WITHIN)
     return Options(**vars(parser.parse_args(ours)), client_args=tuple(theirs))
 
 
@@ -310,14 +320,14 @@ def main(args: Sequence[str]) -> int:
         return fail(exc)
     out(READY)
     held = time.monotonic()
-    why = hold(client, (client.fd, sys.stdin.fileno()), ident)
+    why = hold(client, (client.fd, sys.stdin.fileno()), ident, within=options.answer_within)
     if why:
         after = round(time.monotonic() - held, 1)
         report(out, "lock_lost", {"reason": why, "after_seconds": after})
         client.kill()  # not close(): a client stuck on a dead connection would hold the thaw up
         return fail(f"the lock was lost while held: {why}")
     try:
-        client.query(lock.release, CHECK_WITHIN)
+        client.query(lock.release, options.answer_within)
     except (ClientError, Failed) as exc:
         client.kill()
         return fail(f"{lock.release} failed: {exc}")
