@@ -31,6 +31,8 @@ from libvirt_host import Libvirt, LibvirtUnavailable, LibvirtVM
 from vm import e2e_required
 
 from qgafreeze.logs import MSG_REFUSED
+from qgafreeze.presets import GUARANTEES
+from qgafreeze.quiesce.mariadb import BACKUP_STAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO_ROOT / "docs" / "cycle-report.schema.json").read_text())
@@ -160,7 +162,9 @@ def test_a_quiesced_libvirt_snapshot_with_mariadb_succeeds_and_reads_application
     assert doc["cycle"] != before, "the report is stale: the freeze never reached qgafreeze"
     assert doc["verdict"] == "application-consistent" and doc["phase"] == "thaw"
     mariadb = by_app(doc)["mariadb"]
-    assert mariadb["quiesced"] and mariadb["guarantee"] == "writes blocked, tables flushed"
+    assert mariadb["quiesced"] and mariadb["guarantee"] == GUARANTEES["mariadb"], mariadb
+    # Trixie's MariaDB 11.8 is locked the way mariabackup does it, and the report says so.
+    assert mariadb["details"]["lock"] == BACKUP_STAGE.name, mariadb
     assert mariadb["freeze"]["result"] == "ok" and mariadb["thaw"]["result"] == "ok", mariadb
     assert agent_freeze_status(domain) == "thawed"
 
