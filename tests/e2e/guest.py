@@ -307,6 +307,47 @@ def longest_write_gap_ns(acked: list[tuple[int, int]], start: int, end: int) -> 
     return max(b - a for a, b in zip(window, window[1:]))
 
 
+COPY_MOUNT = "/mnt/qgf-copy"
+COPY_SOCKET = "/run/mysqld/qgf-copy.sock"  # /run/mysqld: the mysql user may write there
+COPY_ERRORS = "/run/mysqld/qgf-copy.err"
+
+
+@dataclass
+class CopyOfMariaDB:
+    """What a second MariaDB server found in a snapshot's data directory."""
+
+    ids: set[int]
+    crash_recovery: list[str]
+    check: str
+
+
+def mariadb_in_copy(vm: VM, frozen: Path) -> CopyOfMariaDB:
+    """Start a second MariaDB server, of the guest's own version, on a writable copy of a frozen
+    image's data directory (hot-plugged, mounted beside the live one), as an admin who restores
+    the files would; read qgf.acks and its log, then stop it and unmount the copy."""
+    device = vm.attach_copy(frozen)
+    wait_for(vm, f"test -b {device}", timeout=120)
+    sh(vm, f"mkdir -p {COPY_MOUNT} && mount {device} {COPY_MOUNT} && rm -f {COPY_ERRORS}")
+    try:
+        run_in_background(
+            vm,
+            "qgf-copy-db",
+            f"exec mariadbd --no-defaults --user=mysql --datadir={COPY_MOUNT}/var/lib/mysql"
+            f" --socket={COPY_SOCKET} --skip-networking --pid-file=/run/mysqld/qgf-copy.pid"
+            f" --log-error={COPY_ERRORS} --innodb-buffer-pool-size=32M",
+        )
+        client = f"mariadb -S {COPY_SOCKET} -N"
+        wait_for(vm, f"{client} -e 'SELECT 1'", timeout=300)
+        ids = {int(x) for x in sh(vm, f"{client} -e 'SELECT id FROM qgf.acks'").stdout.split()}
+        check = sh(vm, f"{client} -e 'CHECK TABLE qgf.acks'").stdout
+        log = sh(vm, f"cat {COPY_ERRORS}").stdout
+    finally:
+        sh(vm, "systemctl stop qgf-copy-db.service", timeout=300, check=False)
+        sh(vm, f"umount {COPY_MOUNT}", check=False)
+    found = [line for line in log.splitlines() if re.search(r"crash recovery", line, re.I)]
+    return CopyOfMariaDB(ids, found, check)
+
+
 def crash_recovery_lines(vm: VM) -> list[str]:
     log = sh(vm, "journalctl -b --no-pager -u mariadb.service -o cat").stdout
     return [line for line in log.splitlines() if re.search(r"crash recovery", line, re.I)]

@@ -429,6 +429,9 @@ class VM:
         self.top_node = "disk0"
         self.boot_seconds = 0.0
         self._snapshots = 0
+        # The node each image frozen by `snapshot` still has in this QEMU (as a backing node).
+        self._frozen_nodes: dict[Path, str] = {}
+        self._attached = 0
         self.qmp: QMP | None = None
         self.qga = QGA(sockdir / "qga.sock", alive=self.running)
 
@@ -665,8 +668,59 @@ class VM:
                 "format": "qcow2",
             },
         )
+        self._frozen_nodes[self.overlay.resolve()] = self.top_node
         frozen, self.overlay, self.top_node = self.overlay, target, node
         return frozen
+
+    def attach_copy(self, frozen: Path) -> str:
+        """Hot-plug a writable copy of an image this guest froze (a new qcow2 overlay on it; the
+        image itself stays unwritten) as a virtio disk; returns its path in the guest.
+
+        This lets a test look into a snapshot without booting it: where a boot is the proof
+        (a restore), boot it with `VMFactory(disk=...)` instead."""
+        if self.qmp is None:
+            raise RuntimeError(f"VM {self.name} has no monitor")
+        frozen = frozen.resolve()
+        backing = self._frozen_nodes.get(frozen)
+        if backing is None:
+            raise ValueError(f"{frozen} is not an image that VM {self.name} froze")
+        self._attached += 1
+        name = f"att{self._attached}"
+        overlay = _unique(self.workdir, f"{self.name}-{name}", ".qcow2")
+        fmt = _image_format(frozen)
+        size = str(_virtual_size(frozen, fmt))
+        subprocess.run(
+            [
+                QEMU_IMG,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                fmt,
+                "-b",
+                str(frozen),
+                "-u",
+                str(overlay),
+                size,
+            ],
+            check=True,
+            timeout=60,
+        )
+        self.qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": {"driver": "file", "filename": str(overlay)},
+                "backing": backing,
+            },
+        )
+        serial = f"qgf-{name}"
+        self.qmp.execute(
+            "device_add", {"driver": "virtio-blk-pci", "drive": name, "id": name, "serial": serial}
+        )
+        return f"/dev/disk/by-id/virtio-{serial}"
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Power off cleanly if possible, else quit, else kill; the work directory is kept."""
