@@ -103,6 +103,16 @@ _MASKED_UNITS = (
     "e2scrub_reap.service",
     "fstrim.timer",
     "man-db.timer",
+    # Kernel interfaces no test uses, each a unit that every boot of a slow guest would start.
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    "sys-kernel-config.mount",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "systemd-pstore.service",
 )
 # Servers that only some tests use: starting them at every boot would cost each guest seconds of
 # its slow CPU.  Disabled, not masked: a test starts them with systemctl.
@@ -385,6 +395,13 @@ def _configure(tree: Path, log: Path) -> None:
     for unit in _DISABLED_AT_BOOT:
         with contextlib.suppress(FileNotFoundError):
             (etc / "systemd/system/multi-user.target.wants" / unit).unlink()
+    # What systemd-update-done writes after the first boot of a new /usr: without it every boot
+    # of the image counts as the first and runs ldconfig, the journal catalog update and others
+    # (ConditionNeedsUpdate=), seconds of a software-emulated CPU each.
+    usr = (tree / "usr").stat()
+    for marker in (etc / ".updated", tree / "var" / ".updated"):
+        marker.write_text(f"TIMESTAMP_NSEC={usr.st_mtime_ns}\n", encoding="utf-8")
+        os.utime(marker, ns=(usr.st_mtime_ns, usr.st_mtime_ns))
     # A throwaway guest reached only through its serial console: root logs in without password.
     _chroot(tree, ["passwd", "-d", "root"], log)
     with open(etc / "initramfs-tools" / "modules", "a", encoding="utf-8") as modules:

@@ -29,7 +29,17 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from image import GuestImage
-from vm import QEMU_IMG, QGA, VM, QGAError, QGATimeout, _image_format, _set_pdeathsig, _virtual_size
+from vm import (
+    KERNEL_CMDLINE,
+    QEMU_IMG,
+    QGA,
+    VM,
+    QGAError,
+    QGATimeout,
+    _image_format,
+    _set_pdeathsig,
+    _virtual_size,
+)
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 VIRSH = "/usr/bin/virsh"
@@ -39,8 +49,6 @@ JQ = "/usr/bin/jq"
 # docs/host.md's commands pipe virsh's answers through (the Makefile's DEB_TEST_PKGS has them).
 PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "jq")
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The same kernel command line as vm.py boots the image with.
-KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 # Private directory name -> where privileged libvirtd looks for it.
