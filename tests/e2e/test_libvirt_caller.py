@@ -209,12 +209,13 @@ def test_a_quiesced_snapshot_after_a_failed_one_succeeds(domain: LibvirtVM, tmp_
 
 # Issue 15's sequence: while /run/qgf-hang exists, this app's stop hangs (sleep 300) past its
 # timeout, so the freeze fails and the rollback's start, queued by systemd behind that stop, times
-# out too; systemd kills the stop at its TimeoutStopSec and starts the app then.
+# out too; systemd kills the stop at its TimeoutStopSec and starts the app then.  45 s: the two
+# snapshots that must see the app still down took 10 to 13 s in CI; every second more is waited.
 HANG_FLAG = "/run/qgf-hang"
 HANGING_UNIT_PATH = "/etc/systemd/system/qgf-hang.service"
 HANGING_UNIT = (
     "[Service]\nExecStart=/bin/sleep infinity\n"
-    f"ExecStop=/bin/sh -c 'test -e {HANG_FLAG} && exec sleep 300; true'\nTimeoutStopSec=90\n"
+    f"ExecStop=/bin/sh -c 'test -e {HANG_FLAG} && exec sleep 300; true'\nTimeoutStopSec=45\n"
 )
 HANGING = "  hang:\n    units: [qgf-hang.service]\n    timeout: 3s\n"
 STILL_PAUSED = "still paused by an earlier cycle: hang"
