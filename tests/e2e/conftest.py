@@ -32,6 +32,7 @@ from vm import QEMU, QEMU_IMG, VM, VMFactory, e2e_required
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
 SUITES_ENV = "QGAFREEZE_SUITES"
+ELSEWHERE_ENV = "QGAFREEZE_SUITES_ELSEWHERE"
 _SUITES_MARKER = "suites(*names): run the test once per listed Debian suite that is selected"
 _LAST_MARKER_TEXT = f"{LAST_MARKER}: the module uses its suite's shared guest after every other"
 _MAX_CONCURRENT_BUILDS = 2
@@ -68,13 +69,18 @@ def suite_selection() -> tuple[tuple[str, ...], str]:
     """The suites `QGAFREEZE_SUITES` selects, in release order, and what is wrong with the
     selection ("" if nothing): an unknown name, or less than every suite where e2e is required."""
     names = os.environ.get(SUITES_ENV, "").replace(",", " ").split() or list(SUITES)
+    # The suites a pytest run beside this one covers (tests/run-tiers).
+    elsewhere = os.environ.get(ELSEWHERE_ENV, "").replace(",", " ").split()
     problems = []
-    unknown = [name for name in names if name not in SUITES]
+    unknown = [name for name in names + elsewhere if name not in SUITES]
     if unknown:
         problems.append(
-            f"{SUITES_ENV} names unknown suite(s) {', '.join(unknown)} (known: {' '.join(SUITES)})"
+            f"{SUITES_ENV} or {ELSEWHERE_ENV} names unknown suite(s) {', '.join(unknown)}"
+            f" (known: {' '.join(SUITES)})"
         )
-    if e2e_required() and set(names) != set(SUITES):
+    if set(names) & set(elsewhere):
+        problems.append(f"{SUITES_ENV} and {ELSEWHERE_ENV} both name {set(names) & set(elsewhere)}")
+    if e2e_required() and set(names) | set(elsewhere) != set(SUITES):
         problems.append(
             f"{SUITES_ENV}={' '.join(names)}: CI=true or QGAFREEZE_REQUIRE_E2E=1 runs every suite"
             f" ({' '.join(SUITES)})"
@@ -316,8 +322,8 @@ def vm_factory(
     """Boots VMs of the test's suite, each in its own work directory; all are killed when the
     module ends (throwaway guests: nothing reads their disks afterwards).
 
-    Module scope, so that a module can share one booted guest (a boot costs about 20 s under
-    TCG); a test that boots a VM of its own may shut it down early with `vm.shutdown()`.
+    Module scope, so that a module can share one booted guest (a boot costs about a minute
+    under TCG); a test that boots a VM of its own may shut it down early with `vm.shutdown()`.
     """
     factory = VMFactory(guest_image, tmp_path_factory.mktemp(f"e2e-{guest_image.suite}"), REPO_ROOT)
     try:
