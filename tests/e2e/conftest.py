@@ -284,6 +284,46 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _shared.stop()
 
 
+# tests/run-tiers: the run beside the first waits for this file before its first VM test, and the
+# first run writes it when its own VM tier begins (or when it ends, whatever happened), so that
+# the two VM sets overlap each other and not the container tier, which a guest beside it slowed
+# down threefold.  Both runs build their images from collection on, regardless.
+START_ENV = "QGAFREEZE_VM_TIER_START"
+AWAIT_ENV = "QGAFREEZE_VM_TIER_AWAIT"
+_AWAIT_LIMIT = 3600.0
+
+
+def _vm_tier_begins() -> None:
+    path = os.environ.get(START_ENV)
+    if path:
+        Path(path).touch()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _in_tier(item):
+        _vm_tier_begins()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _vm_tier_begins()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    path = os.environ.get(AWAIT_ENV)
+    if path and any(_in_tier(item) for item in session.items):
+        started = time.monotonic()
+        while not Path(path).exists() and time.monotonic() - started < _AWAIT_LIMIT:
+            time.sleep(1.0)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"e2e: waited {time.monotonic() - started:.0f} s for the first run's VM tier"
+            )
+    yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     # After the item's own teardown, module fixtures included: they may still use the guest.

@@ -19,6 +19,7 @@ E2E = REPO / "tests" / "e2e"
 # Stands in for python: says which suites it was given and exits with $FAKE_EXIT_<first suite>.
 FAKE_PYTHON = """#!/bin/sh
 echo "suites=[$QGAFREEZE_SUITES] elsewhere=[$QGAFREEZE_SUITES_ELSEWHERE] args=[$*]"
+echo "start=[$QGAFREEZE_VM_TIER_START] await=[$QGAFREEZE_VM_TIER_AWAIT]"
 first=${QGAFREEZE_SUITES%% *}
 eval "exit \\${FAKE_EXIT_$first:-0}"
 """
@@ -46,12 +47,15 @@ def test_trixie_runs_beside_the_other_tiers_and_each_run_is_told_what_the_other_
 ) -> None:
     result = run_tiers(tmp_path, "bullseye bookworm trixie")
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("suites=")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("suites=", "start="))]
     assert lines == [
         "suites=[bullseye bookworm] elsewhere=[trixie]"
         " args=[-m pytest -q --durations=15 tests/unit tests/integration tests/e2e]",
+        # The first run says when its VM tier begins; the run beside waits for that.
+        "start=[build/vm-tier.start] await=[]",
         "suites=[trixie] elsewhere=[bullseye bookworm]"
         " args=[-m pytest -q -p no:cacheprovider --durations=15 tests/e2e]",
+        "start=[] await=[build/vm-tier.start]",
     ]
     assert (tmp_path / "build" / "e2e-trixie.log").read_text().startswith("suites=[trixie]")
 
@@ -70,7 +74,9 @@ def test_a_selection_without_both_sides_is_one_run_of_every_tier(
     result = run_tiers(tmp_path, suites)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"suites=[{suites}] elsewhere=[] args=[-m pytest -q tests/unit tests/integration tests/e2e]"
+        f"suites=[{suites}] elsewhere=[]"
+        " args=[-m pytest -q tests/unit tests/integration tests/e2e]",
+        "start=[] await=[]",
     ]
     assert not (tmp_path / "build").exists()
 
