@@ -153,9 +153,9 @@ soak:
 demo:
 	PYTHONPATH=src $(PYTHON) tests/e2e/demo.py
 
-# Every tier: the unit and container tiers, then the older releases' guests, in one pytest run,
-# and trixie's guests (the longest VM set) in a second run beside it (tests/run-tiers says why);
-# the guest images of SUITES are built in the background from the start.
+# Every tier: the unit and container tiers, then the older releases' guests and trixie's libvirt
+# module, in one run; trixie's other VM tests in a second pytest run beside it, from the first
+# run's VM tier on (tests/run-tiers says why); the guest images of SUITES are built from the start.
 test: deps lint selinux
 	tests/run-tiers "$(PYTHON)" "$(SUITES)"
 
