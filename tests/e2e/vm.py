@@ -393,6 +393,29 @@ def _opt(value: Union[str, Path]) -> str:
     return str(value).replace(",", ",,")
 
 
+def _create_overlay(backing: Path, backing_format: str, overlay: Path) -> None:
+    """A new qcow2 file whose reads fall through to `backing` and which takes every write."""
+    # -u with an explicit size: the backing may be held by another running VM.
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+            str(backing),
+            "-u",
+            str(overlay),
+            str(_virtual_size(backing, backing_format)),
+        ],
+        check=True,
+        timeout=60,
+    )
+
+
 def _unique(directory: Path, stem: str, suffix: str) -> Path:
     candidate = directory / f"{stem}{suffix}"
     counter = 1
@@ -463,25 +486,7 @@ class VM:
         backing = (disk or image.root).resolve()
         backing_format = _image_format(backing)
         overlay = _unique(workdir, name, ".qcow2")
-        # -u with an explicit size: the backing may be held by another running VM.
-        subprocess.run(
-            [
-                QEMU_IMG,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                backing_format,
-                "-b",
-                str(backing),
-                "-u",
-                str(overlay),
-                str(_virtual_size(backing, backing_format)),
-            ],
-            check=True,
-            timeout=60,
-        )
+        _create_overlay(backing, backing_format, overlay)
         SOCKET_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
         # A unix socket path must stay under 108 bytes: tmp work directories can be long.
         sockdir = Path(_make_socket_dir(SOCKET_ROOT))
@@ -695,26 +700,7 @@ class VM:
         self._attached += 1
         name = f"att{self._attached}"
         overlay = _unique(self.workdir, f"{self.name}-{name}", ".qcow2")
-        fmt = _image_format(frozen)
-        size = str(_virtual_size(frozen, fmt))
-        subprocess.run(
-            [
-                QEMU_IMG,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                fmt,
-                "-b",
-                str(frozen),
-                "-u",
-                str(overlay),
-                size,
-            ],
-            check=True,
-            timeout=60,
-        )
+        _create_overlay(frozen, _image_format(frozen), overlay)
         self.qmp.execute(
             "blockdev-add",
             {
