@@ -373,8 +373,8 @@ def test_sync_skips_what_an_earlier_client_left_unread_in_the_channel(qga):
 
 def test_an_unanswered_freeze_is_followed_by_a_thaw_once_qemu_ga_answers_again(qga):
     qga.set_report(report("c1"))
-    qga.freeze_delay = 2.0
-    status, _, err = backup(qga, "--timeout", "1.5")
+    qga.freeze_delay = 1.0
+    status, _, err = backup(qga, "--timeout", "0.5")
     assert status == cli.Exit.UNREACHABLE
     assert "no answer to the freeze" in err
     # qemu-ga answers in order: the sync before the thaw waited out the freeze's late answer.

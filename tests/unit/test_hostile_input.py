@@ -69,7 +69,7 @@ PATH_OR_LINE = re.compile(
 
 
 @settings(
-    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(DOCUMENTS)
 def test_generated_documents_load_or_fail_cleanly_with_a_path(document: Any) -> None:
