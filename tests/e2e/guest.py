@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -319,16 +320,23 @@ class CopyOfMariaDB:
     ids: set[int]
     crash_recovery: list[str]
     check: str
+    # The text of each file asked for, as the snapshot holds it; None where it holds none.
+    files: dict[str, str | None]
 
 
-def mariadb_in_copy(vm: VM, frozen: Path) -> CopyOfMariaDB:
+def mariadb_in_copy(vm: VM, frozen: Path, files: tuple[str, ...] = ()) -> CopyOfMariaDB:
     """Start a second MariaDB server, of the guest's own version, on a writable copy of a frozen
     image's data directory (hot-plugged, mounted beside the live one), as an admin who restores
-    the files would; read qgf.acks and its log, then stop it and unmount the copy."""
+    the files would; read `files` (absolute paths in the snapshot), qgf.acks and the server's
+    log, then stop it and unmount the copy."""
     device = vm.attach_copy(frozen)
     wait_for(vm, f"test -b {device}", timeout=120)
     sh(vm, f"mkdir -p {COPY_MOUNT} && mount {device} {COPY_MOUNT} && rm -f {COPY_ERRORS}")
     try:
+        found_files: dict[str, str | None] = {}
+        for path in files:
+            read = sh(vm, f"cat {shlex.quote(COPY_MOUNT + path)}", check=False)
+            found_files[path] = read.stdout if read.exitcode == 0 else None
         run_in_background(
             vm,
             "qgf-copy-db",
@@ -345,9 +353,4 @@ def mariadb_in_copy(vm: VM, frozen: Path) -> CopyOfMariaDB:
         sh(vm, "systemctl stop qgf-copy-db.service", timeout=300, check=False)
         sh(vm, f"umount {COPY_MOUNT}", check=False)
     found = [line for line in log.splitlines() if re.search(r"crash recovery", line, re.I)]
-    return CopyOfMariaDB(ids, found, check)
-
-
-def crash_recovery_lines(vm: VM) -> list[str]:
-    log = sh(vm, "journalctl -b --no-pager -u mariadb.service -o cat").stdout
-    return [line for line in log.splitlines() if re.search(r"crash recovery", line, re.I)]
+    return CopyOfMariaDB(ids, found, check, found_files)

@@ -8,8 +8,8 @@ and must stop what it started and remove the files it wrote.  The package module
 each suite (`shared_guest_last`): it checks the install this guest began with, then upgrades,
 purges and compares qemu-ga's files with what they were before that install.  A guest that stopped
 answering is replaced by a fresh one rather than failing every module after the one that broke
-it.  A guest of another kind (one run by libvirt, a snapshot booted to see what it holds) is
-still booted by the test that needs it.
+it.  A guest of another kind (one run by libvirt, a snapshot booted as a restored VM) is still
+booted by the test that needs it.
 """
 
 from __future__ import annotations

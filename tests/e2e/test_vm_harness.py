@@ -19,8 +19,8 @@ _MARIADB_READY_TIMEOUT = 180.0
 @pytest.fixture(scope="module")
 def vm(shared_guest: VM) -> Iterator[VM]:
     """The suite's shared guest: every test here leaves it thawed and running.  (A snapshot of
-    it is booted by test_backup.py's restore tests, which check what the harness's snapshot
-    holds and that later writes never reach it.)"""
+    it is opened by test_backup.py's restore test, and booted by test_restore_databases.py, which
+    check what the harness's snapshot holds and that later writes never reach it.)"""
     print(f"boot to guest-ping: {shared_guest.boot_seconds:.1f} s")
     yield shared_guest
 

@@ -689,8 +689,9 @@ class VM:
         """Hot-plug a writable copy of an image this guest froze (a new qcow2 overlay on it; the
         image itself stays unwritten) as a virtio disk; returns its path in the guest.
 
-        This lets a test look into a snapshot without booting it: where a boot is the proof
-        (a restore), boot it with `VMFactory(disk=...)` instead."""
+        This lets a test look into a snapshot, or restore a database's files from it, without
+        the cost of a boot; where the whole guest's restore is the proof, boot the image with
+        `VMFactory(disk=...)` instead."""
         if self.qmp is None:
             raise RuntimeError(f"VM {self.name} has no monitor")
         frozen = frozen.resolve()
