@@ -28,7 +28,7 @@ SHELL := /bin/sh
 DEB_TEST_PKGS = python3-pydbus python3-systemd python3-yaml python3-pytest python3-venv \
 	systemd-container dbus mariadb-server mariadb-client postgresql redis-server python3-hypothesis \
 	python3-dbusmock python3-jsonschema groff-base pkgconf \
-	qemu-system-x86 qemu-utils debootstrap e2fsprogs \
+	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients jq \
 	debhelper dh-python lintian rpm checkpolicy semodule-utils
 RPM_TEST_PKGS = python3-pydbus python3-systemd python3-pyyaml python3-pytest systemd-container \

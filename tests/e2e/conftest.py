@@ -43,7 +43,7 @@ _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _HOST_TOOLS = {
     QEMU: "qemu-system-x86",
     QEMU_IMG: "qemu-utils",
-    "debootstrap": "debootstrap",
+    "mmdebstrap": "mmdebstrap",
     "mkfs.ext4": "e2fsprogs",
 }
 _APT_TIMEOUT = 900
@@ -205,7 +205,7 @@ def _install_host_packages(packages: list[str]) -> str | None:
 def unmet_preconditions() -> list[str]:
     """Reasons this machine cannot run the tier, after installing what is missing; [] if none."""
     if os.geteuid() != 0:
-        return ["must run as root (debootstrap, chroot and the image cache need it)"]
+        return ["must run as root (mmdebstrap, chroot and the image cache need it)"]
     missing = _missing_tools()
     if missing:
         failure = _install_host_packages(sorted(set(missing.values())))

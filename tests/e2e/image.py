@@ -32,7 +32,7 @@ from pathlib import Path
 DEFAULT_CACHE = Path("/var/cache/qgafreeze/e2e")
 SUITES = ("bullseye", "bookworm", "trixie")
 DEFAULT_SUITE = "trixie"
-# The same names exist in all three suites' Packages indexes (debootstrap fails the build on a
+# The same names exist in all three suites' Packages indexes (mmdebstrap fails the build on a
 # name its suite lacks); the table per suite is where a release that renames one says so.
 _COMMON_PACKAGES = (
     "systemd",
@@ -74,7 +74,7 @@ _CHROOT_ENV = {
     "HOME": "/root",
     "DEBIAN_FRONTEND": "noninteractive",
 }
-_DEBOOTSTRAP_TIMEOUT = 1800.0
+_BOOTSTRAP_TIMEOUT = 1800.0
 _STEP_TIMEOUT = 600.0
 
 _ROOT_NAME = "root.img"
@@ -341,23 +341,33 @@ def _build(build_dir: Path, suite: str) -> None:
     _log(f"building the {suite} guest image from {mirror} in {build_dir} (log: {log})")
     started = time.monotonic()
     try:
+        # mmdebstrap, not debootstrap: apt downloads in parallel and resolves the packages once,
+        # and dpkg skips its fsyncs (a build that a crash interrupts is thrown away anyway).
+        # Measured on the 2-core host for trixie: 84 s against debootstrap's 176 s.  Kept as
+        # debootstrap left them: the package lists (apt-get install ./qgafreeze_*.deb in the
+        # guest resolves against what the image holds) and the machine-id systemd's postinst
+        # wrote (an empty one gives every boot a new id, and its journal a new directory).
         _run(
             [
-                "debootstrap",
+                "mmdebstrap",
+                "--mode=root",
                 "--variant=minbase",
                 "--include=" + ",".join(PACKAGES[suite]),
+                "--dpkgopt=force-unsafe-io",
+                "--skip=cleanup/apt/lists",
+                "--skip=cleanup/reproducible",
                 suite,
                 str(tree),
                 mirror,
             ],
-            timeout=_DEBOOTSTRAP_TIMEOUT,
+            timeout=_BOOTSTRAP_TIMEOUT,
             log=log,
         )
     finally:
         # Package scripts run in the chroot may have left daemons behind.
         _kill_processes_in(tree)
         _unmount_under(tree)
-    _log(f"{suite}: debootstrap took {time.monotonic() - started:.0f} s")
+    _log(f"{suite}: mmdebstrap took {time.monotonic() - started:.0f} s")
     _configure(tree, log)
     kernel, initrd = _kernel_and_initrd(tree)
     shutil.copy2(kernel, build_dir / _KERNEL_NAME)
@@ -379,7 +389,8 @@ def _configure(tree: Path, log: Path) -> None:
     (etc / "modules-load.d").mkdir(exist_ok=True)
     (etc / "modules-load.d" / "qgf-9p.conf").write_text(_MODULES_LOAD, encoding="utf-8")
     # The guest has no network: keep neither the host's resolver nor its mirror in the image.
-    for name in ("resolv.conf", "apt/sources.list"):
+    # Nor the build's unsafe dpkg: the guest's package installs are tested as an admin's run.
+    for name in ("resolv.conf", "apt/sources.list", "dpkg/dpkg.cfg.d/99mmdebstrap"):
         with contextlib.suppress(FileNotFoundError):
             (etc / name).unlink()
     # Without this flag man-db's dpkg trigger does not rebuild the index (debconf's

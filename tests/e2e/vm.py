@@ -41,8 +41,13 @@ _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Commands run through guest-exec get this environment, not whatever qemu-ga inherited.
 _GUEST_ENV = ["PATH=" + _SYSTEM_PATH, "LANG=C.UTF-8", "HOME=/root"]
 
-# A boot to guest-ping took 42 to 62 s on the idle host and up to 125 s beside other guests;
-# make test runs two VM sets side by side (tests/run-tiers).
+# One virtual CPU: make test runs two guests side by side on two host cores (tests/run-tiers),
+# and a guest's second vCPU, descheduled by the host, left the first spinning on its locks.
+# Two trixie guests at once, measured on the 2-core host: boot to guest-ping 77 s with one vCPU
+# each against 122 to 125 s with two, the same apt-get install and purge (106 to 118 s, 58 to
+# 65 s); boot, install, three MariaDB restarts and a purge, 300 s against 340 s.
+_VCPUS = "1"
+# A boot to guest-ping took 42 to 62 s on the idle host and up to 125 s beside other guests.
 _BOOT_TIMEOUT = 360.0
 # One unanswered guest-sync-delimited is re-sent this often: bytes written while no agent
 # listened may be lost as well as answered late.
@@ -503,7 +508,7 @@ class VM:
             "-cpu",
             "max",
             "-smp",
-            "2",
+            _VCPUS,
             "-m",
             "2048",
             "-display",
