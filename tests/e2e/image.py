@@ -75,6 +75,7 @@ _CHROOT_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
 }
 _BOOTSTRAP_TIMEOUT = 1800.0
+_MERGED_USR_HOOK = "/usr/share/mmdebstrap/hooks/merged-usr/setup00.sh"
 _STEP_TIMEOUT = 600.0
 
 _ROOT_NAME = "root.img"
@@ -346,12 +347,15 @@ def _build(build_dir: Path, suite: str) -> None:
         # Measured on the 2-core host for trixie: 84 s against debootstrap's 176 s.  Kept as
         # debootstrap left them: the package lists (apt-get install ./qgafreeze_*.deb in the
         # guest resolves against what the image holds) and the machine-id systemd's postinst
-        # wrote (an empty one gives every boot a new id, and its journal a new directory).
+        # wrote (an empty one gives every boot a new id, and its journal a new directory).  And
+        # /usr merged as debootstrap merges it (its own function, through mmdebstrap's hook):
+        # bullseye's packages do not merge it themselves, and its installs are merged.
         _run(
             [
                 "mmdebstrap",
                 "--mode=root",
                 "--variant=minbase",
+                "--setup-hook=" + _MERGED_USR_HOOK,
                 "--include=" + ",".join(PACKAGES[suite]),
                 "--dpkgopt=force-unsafe-io",
                 "--skip=cleanup/apt/lists",
