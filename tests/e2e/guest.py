@@ -335,7 +335,12 @@ def mariadb_in_copy(vm: VM, frozen: Path, files: tuple[str, ...] = ()) -> CopyOf
     try:
         found_files: dict[str, str | None] = {}
         for path in files:
-            read = sh(vm, f"cat {shlex.quote(COPY_MOUNT + path)}", check=False)
+            # Absent (3) is an answer; any other failure to read is the harness's, not the
+            # snapshot's, and must not pass for a file the snapshot does not hold.
+            name = shlex.quote(COPY_MOUNT + path)
+            read = sh(vm, f"if [ -e {name} ]; then cat {name}; else exit 3; fi", check=False)
+            if read.exitcode not in (0, 3):
+                raise AssertionError(f"cannot read {path} in the copy: {read.stderr}")
             found_files[path] = read.stdout if read.exitcode == 0 else None
         run_in_background(
             vm,
