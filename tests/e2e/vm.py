@@ -47,7 +47,8 @@ _GUEST_ENV = ["PATH=" + _SYSTEM_PATH, "LANG=C.UTF-8", "HOME=/root"]
 # each against 122 to 125 s with two, the same apt-get install and purge (106 to 118 s, 58 to
 # 65 s); boot, install, three MariaDB restarts and a purge, 300 s against 340 s.
 _VCPUS = "1"
-# A boot to guest-ping took 42 to 62 s on the idle host and up to 125 s beside other guests.
+# With one vCPU a boot to guest-ping took 36 to 43 s on the idle host and 77 s beside another
+# guest; with two, up to 125 s beside others.
 _BOOT_TIMEOUT = 360.0
 # One unanswered guest-sync-delimited is re-sent this often: bytes written while no agent
 # listened may be lost as well as answered late.
